@@ -1,0 +1,175 @@
+"""Forward quantization methods, each built on any discretizer (PEGE Sec. 3.1, Eq. 1-2).
+
+Every method follows the same three steps:
+
+1. *Clip and normalise* the input ``x`` into a continuous latent ``x_c`` in [0, 1] (PEGE Eq. 1;
+   EWGS Eq. 1 calls it ``x_n``), using the method's learned parameters.
+2. *Discretize* it with a :data:`~ewgs_jax.estimators.Discretizer` (PEGE Eq. 2, EWGS Eq. 2). The
+   discretizer decides the backward rule (STE, EWGS, PEGE), so any forward method works with any
+   backward rule.
+3. *Map* the discrete value ``x_q`` back to the method's output range.
+
+Between steps 2 and 3 an optional ``hook(x_c, x_q) -> x_q'`` sees both latent values in the [0, 1]
+domain. The Flax layers use it to add the zero-valued Hessian probe on ``x_q`` and to apply PEGE's
+progressive replacement (:func:`ewgs_jax.replacement.replace`).
+
+Parameters (bounds, clip values, step sizes) may be scalars or arrays that broadcast against
+``x`` (e.g. one per output channel, shape ``(C,)`` for an ``HWIO`` kernel); their gradients come
+back in their own shape. The result has the dtype of ``x``.
+
+Clipping is ``where``-based, so the gradient at exactly a bound is 1, as PyTorch ``clamp`` gives
+(``jnp.clip`` gives 0.5 there). This matters: with the EWGS activation initialisation
+``l = min(x)`` many inputs sit exactly on the lower bound.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ewgs_jax.estimators import Array, Discretizer, levels, ste
+
+#: ``hook(x_c, x_q) -> x_q'``: sees the latent and discrete values, returns what replaces ``x_q``.
+Hook = Callable[[Array, Array], Array]
+
+
+def clip(x: Array, low, high) -> Array:
+  """Clips ``x`` to ``[low, high]`` passing gradient 1 at exactly the bounds (as torch.clamp).
+
+  Elements strictly outside get gradient 0 with respect to ``x`` and gradient 1 with respect to
+  the bound they are clipped to.
+  """
+  return jnp.where(x < low, low, jnp.where(x > high, high, x))
+
+
+def scale_gradient(x: Array, scale) -> Array:
+  """Identity in the forward pass; multiplies the gradient by ``scale`` (LSQ Sec. 2.2)."""
+  return x * scale + lax.stop_gradient(x - x * scale)
+
+
+def _discretize(x_c: Array, bits: int, discretizer: Discretizer, hook: Hook | None) -> Array:
+  x_q = discretizer(x_c, bits)
+  return x_q if hook is None else hook(x_c, x_q)
+
+
+def interval(
+    x: Array,
+    lower: Array,
+    upper: Array,
+    *,
+    bits: int,
+    weight: bool,
+    discretizer: Discretizer = ste,
+    hook: Hook | None = None,
+) -> Array:
+  """EWGS/QIL interval quantizer with learned lower and upper bounds (EWGS Eq. 1-3).
+
+  ``x_n = clip((x - l) / (u - l), 0, 1)`` (Eq. 1), ``x_q = discretizer(x_n)`` (Eq. 2), and the
+  output is ``Q_W = 2 (x_q - 0.5)`` for weights or ``Q_A = x_q`` for activations (Eq. 3). The
+  layer's output scale alpha is applied after the convolution, in :mod:`ewgs_jax.layers`.
+
+  The bounds get gradients only through unclipped elements (the clip gradient is taken at the
+  normalised value, as in the reference code): there is no PACT/LSQ-style clipping gradient.
+  """
+  x_n = clip((x - lower) / (upper - lower), 0.0, 1.0)
+  x_q = _discretize(x_n, bits, discretizer, hook)
+  out = 2.0 * (x_q - 0.5) if weight else x_q
+  return out.astype(x.dtype)
+
+
+def pact(
+    x: Array,
+    clip_value: Array,
+    *,
+    bits: int,
+    signed: bool = False,
+    discretizer: Discretizer = ste,
+    hook: Hook | None = None,
+) -> Array:
+  """PACT: clip to a learned ``[0, m]`` and quantize uniformly on it (PEGE Sec. 3.1; PACT Eq. 1-3).
+
+  ``x_c = 0.5 (|x| - |x - m| + m) = clip(x, 0, m)``; ``x_q = m * discretizer(x_c / m)``.
+  The gradient with respect to ``m`` is PACT's: ``dQ/dm = 1`` where ``x >= m`` and 0 elsewhere
+  (the rounding's own dependence on ``m`` is treated as constant, as PACT's STE does). At a tie
+  ``x = m`` the gradient is 1, as in PACT's Eq. 3 (the ``|.|`` form would give 0.5).
+
+  ``signed=True`` is the symmetric weight variant (our choice, PACT itself quantizes weights with
+  DoReFa): clip to ``[-m, m]`` with levels spread uniformly over it; ``dQ/dm = sign(x)`` outside.
+  """
+  m = lax.stop_gradient(clip_value)
+  # PACT Eq. 3 puts the tie x = m on the clipped side: dQ/dm = 1 there.
+  x_c = jnp.where(x >= clip_value, clip_value, x)
+  if signed:
+    x_c = jnp.where(x <= -clip_value, -clip_value, x_c)
+    x_q = _discretize((x_c + m) / (2.0 * m), bits, discretizer, hook)
+    out = m * (2.0 * x_q - 1.0)
+  else:
+    x_c = jnp.where(x < 0.0, 0.0, x_c)
+    out = m * _discretize(x_c / m, bits, discretizer, hook)
+  return out.astype(x.dtype)
+
+
+def lsq_range(bits: int, signed: bool) -> tuple[int, int]:
+  """LSQ's integer range ``(Q_N, Q_P)``: signed ``(2^(b-1), 2^(b-1) - 1)``, unsigned ``(0, 2^b-1)``."""
+  n = levels(bits)
+  q_neg = 2 ** (bits - 1) if signed else 0
+  return q_neg, n - q_neg
+
+
+def lsq(
+    x: Array,
+    step: Array,
+    *,
+    bits: int,
+    signed: bool,
+    grad_scale: float | None = None,
+    discretizer: Discretizer = ste,
+    hook: Hook | None = None,
+) -> Array:
+  """LSQ: learned step size ``s`` (Esser et al. 2020, Eq. 1-3).
+
+  ``v = clip(x / s, -Q_N, Q_P)``, output ``round(v) * s``. Written through the [0, 1] latent
+  ``x_c = (v + Q_N) / (Q_N + Q_P)`` so that any discretizer applies; with STE, autodiff gives
+  exactly LSQ's step gradient ``-x/s + round(x/s)`` inside the range and ``-Q_N``/``Q_P`` outside,
+  multiplied by the gradient scale ``1 / sqrt(N Q_P)`` (LSQ Sec. 2.2), where ``N`` is the number
+  of elements sharing one step (all of them, or one channel's). ``Q_P`` is floored at 1 so that
+  signed 1-bit (``Q_P = 0``) stays finite.
+  """
+  q_neg, q_pos = lsq_range(bits, signed)
+  if grad_scale is None:
+    per_step = x.size / max(jnp.size(step), 1)
+    grad_scale = 1.0 / math.sqrt(per_step * max(q_pos, 1))
+  s = scale_gradient(step, grad_scale)
+  v = clip(x / s, -float(q_neg), float(q_pos))
+  x_q = _discretize((v + q_neg) / (q_neg + q_pos), bits, discretizer, hook)
+  out = (x_q * (q_neg + q_pos) - q_neg) * s
+  return out.astype(x.dtype)
+
+
+def dorefa(
+    x: Array,
+    *,
+    bits: int,
+    weight: bool,
+    discretizer: Discretizer = ste,
+    hook: Hook | None = None,
+) -> Array:
+  """DoReFa-Net quantizers (Zhou et al. 2016, Eq. 9 and Sec. 2.6), no learned parameters.
+
+  Weights: ``x_c = tanh(w) / (2 max|tanh(w)|) + 1/2``, output ``2 x_q - 1``.
+  Activations: ``x_c = clip(x, 0, 1)``, output ``x_q``.
+  """
+  if weight:
+    t = jnp.tanh(x)
+    x_c = t / (2.0 * jnp.max(jnp.abs(t))) + 0.5
+    out = 2.0 * _discretize(x_c, bits, discretizer, hook) - 1.0
+  else:
+    out = _discretize(clip(x, 0.0, 1.0), bits, discretizer, hook)
+  return out.astype(x.dtype)
+
+
+FORWARD_METHODS = ("interval", "pact", "lsq", "dorefa")

@@ -1,0 +1,160 @@
+"""Step-dependent values: PEGE replacement rate ``p_T`` and PEGE gradient factor ``mu_T``.
+
+Every factory returns a pure, jittable ``step -> value`` function (the shape of an
+``optax.Schedule``); ``step`` may be a Python int or a traced integer array. Invalid arguments
+raise ``ValueError`` naming the argument.
+
+Replacement-rate schedulers (PEGE Eq. 4 and Fig. 1) all return values in (0, 1]:
+
+* :func:`constant_rate`     ``p``
+* :func:`linear_rate`       ``p_0 + (1 - p_0) T / T_1``
+* :func:`logarithmic_rate`  ``min(log_B(k T + b), 1)``  (PEGE Eq. 4, the paper's choice)
+* :func:`exponential_rate`  ``p_0 exp(k T)``
+* :func:`cosine_rate`       ``p_0 + (1 - p_0) (1 - cos(pi T / T_1)) / 2``
+
+each capped at 1. ``mu`` schedules (PEGE Sec. 3.2 and Table 5) return values in [0, mu_max]:
+
+* :func:`constant_mu`, :func:`linear_mu` (``mu_max T / T_1``),
+  :func:`logarithmic_mu` (``mu_max min(log_B(k T + 1), 1)``),
+  :func:`exponential_mu` (``mu_max (1 - exp(-k T))``, the paper's choice).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax.numpy as jnp
+
+from ewgs_jax.estimators import Array
+
+Schedule = Callable[[Array | int], Array]
+
+
+def _require(ok: bool, name: str, value, rule: str) -> None:
+  if not ok:
+    raise ValueError(f"{name} must be {rule}, got {value!r}")
+
+
+def _t(step) -> Array:
+  return jnp.asarray(step, jnp.float32)
+
+
+def _check_rate(name: str, value: float) -> None:
+  _require(0.0 < value <= 1.0, name, value, "in (0, 1]")
+
+
+# --- replacement rate p_T -----------------------------------------------------------------------
+
+
+def constant_rate(rate: float = 1.0) -> Schedule:
+  """``p_T = rate`` (PEGE Table 4, "Constant")."""
+  _check_rate("rate", rate)
+  return lambda step: jnp.full((), rate, jnp.float32) + 0.0 * _t(step)
+
+
+def linear_rate(initial_rate: float, transition_steps: int) -> Schedule:
+  """``p_T = min(p_0 + (1 - p_0) T / T_1, 1)`` (PEGE Table 4, "Linear")."""
+  _check_rate("initial_rate", initial_rate)
+  _require(transition_steps > 0, "transition_steps", transition_steps, "> 0")
+  return lambda step: jnp.minimum(initial_rate + (1.0 - initial_rate) * _t(step) / transition_steps, 1.0)
+
+
+def logarithmic_rate(base: float, k: float, b: float) -> Schedule:
+  """``p_T = min(log_B(k T + b), 1)`` (PEGE Eq. 4).
+
+  ``log_B(b)`` is the rate at step 0, so ``b > 1`` keeps it positive; it reaches 1 at
+  ``T = (B - b) / k``.
+  """
+  _require(base > 1.0, "base", base, "> 1")
+  _require(k > 0.0, "k", k, "> 0")
+  _require(1.0 < b <= base, "b", b, f"in (1, base={base}]")
+  log_base = math.log(base)
+  return lambda step: jnp.minimum(jnp.log(k * _t(step) + b) / log_base, 1.0)
+
+
+def exponential_rate(initial_rate: float, k: float) -> Schedule:
+  """``p_T = min(p_0 exp(k T), 1)`` (PEGE Table 4, "Exponential"): slow start, fast finish."""
+  _check_rate("initial_rate", initial_rate)
+  _require(k > 0.0, "k", k, "> 0")
+  return lambda step: jnp.minimum(initial_rate * jnp.exp(k * _t(step)), 1.0)
+
+
+def cosine_rate(initial_rate: float, transition_steps: int) -> Schedule:
+  """``p_T = p_0 + (1 - p_0)(1 - cos(pi min(T / T_1, 1))) / 2`` (PEGE Table 4, "Cosine")."""
+  _check_rate("initial_rate", initial_rate)
+  _require(transition_steps > 0, "transition_steps", transition_steps, "> 0")
+
+  def schedule(step):
+    frac = jnp.minimum(_t(step) / transition_steps, 1.0)
+    return initial_rate + (1.0 - initial_rate) * 0.5 * (1.0 - jnp.cos(jnp.pi * frac))
+
+  return schedule
+
+
+# --- PEGE gradient factor mu_T ------------------------------------------------------------------
+
+
+def _check_mu_max(mu_max: float) -> None:
+  _require(mu_max >= 0.0, "mu_max", mu_max, ">= 0")
+
+
+def constant_mu(mu_max: float) -> Schedule:
+  """``mu_T = mu_max`` (PEGE Table 5, "Constant")."""
+  _check_mu_max(mu_max)
+  return lambda step: jnp.full((), mu_max, jnp.float32) + 0.0 * _t(step)
+
+
+def linear_mu(mu_max: float, transition_steps: int) -> Schedule:
+  """``mu_T = mu_max min(T / T_1, 1)`` (PEGE Table 5, "Linear")."""
+  _check_mu_max(mu_max)
+  _require(transition_steps > 0, "transition_steps", transition_steps, "> 0")
+  return lambda step: mu_max * jnp.minimum(_t(step) / transition_steps, 1.0)
+
+
+def logarithmic_mu(mu_max: float, base: float, k: float) -> Schedule:
+  """``mu_T = mu_max min(log_B(k T + 1), 1)`` (PEGE Table 5, "Logarithmic"); 0 at step 0."""
+  _check_mu_max(mu_max)
+  _require(base > 1.0, "base", base, "> 1")
+  _require(k > 0.0, "k", k, "> 0")
+  log_base = math.log(base)
+  return lambda step: mu_max * jnp.minimum(jnp.log1p(k * _t(step)) / log_base, 1.0)
+
+
+def exponential_mu(mu_max: float, k: float) -> Schedule:
+  """``mu_T = mu_max (1 - exp(-k T))`` (PEGE Sec. 3.2, "Exponential Curriculum Learning")."""
+  _check_mu_max(mu_max)
+  _require(k > 0.0, "k", k, "> 0")
+  return lambda step: mu_max * -jnp.expm1(-k * _t(step))
+
+
+RATE_SCHEDULES = {
+    "constant": constant_rate,
+    "linear": linear_rate,
+    "logarithmic": logarithmic_rate,
+    "exponential": exponential_rate,
+    "cosine": cosine_rate,
+}
+MU_SCHEDULES = {
+    "constant": constant_mu,
+    "linear": linear_mu,
+    "logarithmic": logarithmic_mu,
+    "exponential": exponential_mu,
+}
+
+
+def _lookup(table: dict, kind: str, what: str):
+  try:
+    return table[kind]
+  except KeyError:
+    raise ValueError(f"unknown {what} schedule {kind!r}; valid choices: {sorted(table)}") from None
+
+
+def rate_schedule(kind: str, **kwargs) -> Schedule:
+  """Builds a replacement-rate schedule by name, e.g. ``rate_schedule("logarithmic", base=..)``."""
+  return _lookup(RATE_SCHEDULES, kind, "replacement-rate")(**kwargs)
+
+
+def mu_schedule(kind: str, **kwargs) -> Schedule:
+  """Builds a ``mu`` schedule by name, e.g. ``mu_schedule("exponential", mu_max=.., k=..)``."""
+  return _lookup(MU_SCHEDULES, kind, "mu")(**kwargs)
