@@ -1,0 +1,43 @@
+"""CIFAR-10 ResNet-20, the setting of EWGS Sec. 4.1 and PEGE Table 1.
+
+Variants (``--config configs/cifar10_resnet20.py:VARIANT``):
+  fp         full-precision pretraining (SGD 0.1, momentum 0.9, wd 1e-4, 400 epochs: the reference
+             ``train_fp.py``)
+  w2a2_ste   W2A2 interval quantizer, STE backward
+  w2a2_ewgs  W2A2, EWGS backward, delta from the Hessian every 10 epochs (default)
+  w2a2_ewgs_fixed  W2A2, EWGS backward with a fixed delta of 1e-3 (EWGS Table 4)
+  w2a2_pege  W2A2, PEGE backward with logarithmic replacement and exponential mu
+  wXaY_<backward>  any bit widths, e.g. w1a1_ewgs, w4a4_pege
+QAT variants warm start from ``--config.init_from=<fp workdir>``.
+"""
+
+import re
+
+from ewgs_jax.config import default_config
+
+
+def get_config(variant: str | None = None):
+  c = default_config()
+  c.dataset = "cifar10"
+  c.model = "resnet20"
+  c.batch_size = 256
+  c.num_epochs = 400
+  c.optimizer = "adam"
+  c.learning_rate = 1e-3
+  c.weight_decay = 1e-4
+  c.delta.every_epochs = 10
+  variant = variant or "w2a2_ewgs"
+  if variant == "fp":
+    c.quant.enabled = False
+    c.optimizer = "sgd"
+    c.learning_rate = 0.1
+    c.delta.mode = "off"
+    return c
+  fixed = variant.endswith("_fixed")
+  match = re.fullmatch(r"w(\d+)a(\d+)_(ste|ewgs|pege)", variant.removesuffix("_fixed"))
+  if match is None:
+    raise ValueError(f"unknown variant {variant!r}; valid: fp, w<bits>a<bits>_<ste|ewgs|pege>[_fixed]")
+  c.quant.weight_bits, c.quant.act_bits = int(match[1]), int(match[2])
+  c.quant.backward = match[3]
+  c.delta.mode = ("fixed" if fixed else "hessian") if c.quant.backward == "ewgs" else "off"
+  return c

@@ -1,0 +1,154 @@
+"""The training configuration: every key, its default, and validation that fails before compiling.
+
+Config files in ``configs/`` start from :func:`default_config` and override what they need, so the
+set of keys is defined in one place. :func:`validate` rejects unknown keys (with a near-miss
+suggestion) and invalid values (with the list of valid choices) before any JAX work starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import ml_collections
+
+from ewgs_jax.estimators import ESTIMATORS, MAX_BITS, MIN_BITS
+from ewgs_jax.replacement import GRANULARITIES
+from ewgs_jax.schedules import MU_SCHEDULES, RATE_SCHEDULES
+
+QUANT_METHODS = ("interval", "pact", "lsq", "dorefa", "none")
+OPTIMIZERS = ("adam", "sgd")
+DELTA_MODES = ("hessian", "fixed", "off")
+HESSIAN_MODES = ("joint", "blockwise")
+CONV_IMPLS = ("auto", "xla", "fast")
+LR_SCHEDULES = ("cosine", "constant")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """All keys with their defaults (the EWGS CIFAR-10 ResNet-20 QAT setting where one applies)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # Data.
+  c.dataset = "digits"          # any tfds image-classification name, or the bundled 'digits'
+  c.data_dir = ml_collections.config_dict.placeholder(str)
+  c.augment = True
+  c.batch_size = 256            # global, over all devices and hosts
+  c.eval_batch_size = 500
+  c.num_epochs = 400
+  c.num_train_steps = -1        # > 0 caps the run (tests, benchmarks)
+  c.data_workers = 2
+  # Model.
+  c.model = "resnet20"
+  c.model_kwargs = ml_collections.ConfigDict()
+  c.half_precision = False      # bfloat16 activations/compute, float32 params
+  c.conv_impl = "auto"          # 'fast' custom-VJP conv on CPU, XLA's elsewhere
+  # Quantization (EWGS Sec. 3.1; PEGE Sec. 3.1). quant.enabled=False trains full precision.
+  c.quant = ml_collections.ConfigDict()
+  c.quant.enabled = True
+  c.quant.weight_method = "interval"
+  c.quant.act_method = "interval"
+  c.quant.weight_bits = 2
+  c.quant.act_bits = 2
+  c.quant.backward = "ewgs"     # ste | ewgs | pege
+  c.quant.quantize_first_last = False
+  c.quant.rules = ()            # ((regex, {"bits": 4, ...}), ...) per-layer overrides
+  c.init_from = ml_collections.config_dict.placeholder(str)   # full-precision workdir to warm start
+  # EWGS delta (EWGS Sec. 3.2, 4.1): Hessian refresh every k epochs, delta = 0 before the first.
+  c.delta = ml_collections.ConfigDict()
+  c.delta.mode = "hessian"      # hessian | fixed | off
+  c.delta.every_epochs = 10
+  c.delta.fixed_value = 1e-3    # EWGS Table 4 "fixed"
+  c.delta.hessian_mode = "joint"
+  c.delta.num_batches = 3
+  c.delta.batch_size = 256
+  c.delta.max_samples = 50
+  c.delta.tolerance = 1e-3
+  # PEGE (PEGE Sec. 3.2): replacement-rate and mu schedules, in training steps. The paper gives
+  # no values for B, k, b, mu_max: ours start at p = log_10(2) = 0.3 and reach p = 1 after
+  # (B - b) / k = 8,000 steps (about 10 % of the 400-epoch CIFAR run); mu saturates on a similar scale.
+  c.pege = ml_collections.ConfigDict()
+  c.pege.rate_schedule = "logarithmic"
+  c.pege.rate_kwargs = ml_collections.ConfigDict({"base": 10.0, "k": 1e-3, "b": 2.0})
+  c.pege.mu_schedule = "exponential"
+  c.pege.mu_kwargs = ml_collections.ConfigDict({"mu_max": 1e-3, "k": 1e-3})
+  c.pege.granularity = "element"
+  # Optimisers (EWGS Sec. 4.1): network weights and quantizer parameters separately.
+  c.optimizer = "adam"          # adam (CIFAR ResNet-20) | sgd (ImageNet)
+  c.learning_rate = 1e-3
+  c.momentum = 0.9
+  c.nesterov = False
+  c.weight_decay = 1e-4
+  c.lr_schedule = "cosine"      # cosine decay to 0 over the run
+  c.quant_learning_rate = 1e-5  # Adam, no weight decay
+  # Checkpoints, logging, distribution.
+  c.checkpoint_every_steps = 0  # 0: every epoch
+  c.keep_checkpoints = 2
+  c.log_every_steps = 50
+  c.eval_every_epochs = 1
+  c.progress_bar = True
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.enabled = False
+  c.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)
+  c.distributed.num_processes = ml_collections.config_dict.placeholder(int)
+  c.distributed.process_id = ml_collections.config_dict.placeholder(int)
+  return c
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in d.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, (ml_collections.ConfigDict, dict)) and key not in _FREE_FORM:
+      out.update(_flatten(value, path + "."))
+    else:
+      out[path] = value
+  return out
+
+
+# Sub-dicts whose keys are forwarded as keyword arguments and checked by their consumer.
+_FREE_FORM = ("model_kwargs", "rate_kwargs", "mu_kwargs")
+
+
+def _choice(name: str, value, choices) -> None:
+  if value not in choices:
+    raise ValueError(f"config.{name}={value!r} is invalid; valid choices: {list(choices)}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ``ValueError`` for unknown keys or invalid values, listing what is valid."""
+  known = _flatten(default_config())
+  given = _flatten(config)
+  unknown = sorted(set(given) - set(known))
+  if unknown:
+    hints = []
+    for key in unknown:
+      close = difflib.get_close_matches(key, known, n=1)
+      hints.append(f"{key}" + (f" (did you mean {close[0]}?)" if close else ""))
+    raise ValueError(f"unknown config keys: {', '.join(hints)}; valid keys: {sorted(known)}")
+  from ewgs_jax.models import MODELS  # late import: models pull in Flax
+  _choice("model", config.model, sorted(MODELS))
+  q = config.quant
+  _choice("quant.weight_method", q.weight_method, QUANT_METHODS)
+  _choice("quant.act_method", q.act_method, QUANT_METHODS)
+  _choice("quant.backward", q.backward, sorted(ESTIMATORS))
+  for name in ("weight_bits", "act_bits"):
+    bits = q[name]
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+      raise ValueError(f"config.quant.{name}={bits!r} is invalid; valid choices: integers {MIN_BITS}..{MAX_BITS}")
+  _choice("delta.mode", config.delta.mode, DELTA_MODES)
+  _choice("delta.hessian_mode", config.delta.hessian_mode, HESSIAN_MODES)
+  _choice("pege.rate_schedule", config.pege.rate_schedule, sorted(RATE_SCHEDULES))
+  _choice("pege.mu_schedule", config.pege.mu_schedule, sorted(MU_SCHEDULES))
+  _choice("pege.granularity", config.pege.granularity, GRANULARITIES)
+  _choice("optimizer", config.optimizer, OPTIMIZERS)
+  _choice("lr_schedule", config.lr_schedule, LR_SCHEDULES)
+  _choice("conv_impl", config.conv_impl, CONV_IMPLS)
+  for name in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps", "keep_checkpoints",
+               "eval_every_epochs"):
+    if not isinstance(config[name], int) or config[name] <= 0:
+      raise ValueError(f"config.{name}={config[name]!r} is invalid; it must be a positive integer")
+  if config.delta.every_epochs <= 0 or config.delta.num_batches <= 0 or config.delta.max_samples <= 0:
+    raise ValueError("config.delta.every_epochs, num_batches and max_samples must be positive integers")
+  for name in ("learning_rate", "quant_learning_rate", "weight_decay"):
+    if config[name] < 0:
+      raise ValueError(f"config.{name}={config[name]!r} is invalid; it must be >= 0")

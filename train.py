@@ -1,0 +1,25 @@
+"""Trains (and evaluates) a quantized network: ``python train.py --config CONFIG[:VARIANT] --workdir DIR``.
+
+Any config key can be overridden on the command line, e.g. ``--config.quant.backward=pege``.
+Re-running the same command resumes from the latest checkpoint in ``--workdir``.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from ewgs_jax import training
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, optionally 'path.py:variant'.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)
