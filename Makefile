@@ -17,8 +17,15 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
+# The offline quickstart (configs/quickstart.py): a full-precision ResNet on scikit-learn's bundled
+# digits, then W2A2 STE / EWGS / PEGE runs warm-started from it, and a table of test accuracies.
+QUICK := runs/quickstart
 train: $(STAMP)
-	$(PY) examples/functional_demo.py
+	$(PY) train.py --config configs/quickstart.py:fp --workdir $(QUICK)/fp
+	for v in w2a2_ste w2a2_ewgs w2a2_pege; do \
+	  $(PY) train.py --config configs/quickstart.py:$$v --config.init_from=$(QUICK)/fp --workdir $(QUICK)/$$v || exit 1; \
+	done
+	$(PY) -m ewgs_jax.reporting table $(QUICK)/fp $(QUICK)/w2a2_ste $(QUICK)/w2a2_ewgs $(QUICK)/w2a2_pege
 
 clean:
 	rm -rf $(VENV) *.egg-info

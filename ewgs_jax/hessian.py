@@ -1,0 +1,211 @@
+"""EWGS scaling factors from Hessian traces (EWGS Sec. 3.2, Eq. 8-10, Algorithm 1).
+
+For each quantizer, ``Tr(H)/N`` of the task loss with respect to its discrete output ``x_q`` (the
+[0, 1] value the layers expose through a zero probe, ``perturbations/.../w_q`` or ``a_q``) is
+estimated with Hutchinson's method, ``Tr(H) = E[v^T H v]`` for Rademacher ``v`` (Eq. 8), where
+``H v`` is a forward-over-reverse product ``jax.jvp(jax.grad(loss))`` (Eq. 9), never forming H.
+Then ``delta = max(0, (Tr(H)/N) / (3 sigma(g_q)))`` (Eq. 10), ``sigma`` the unbiased standard
+deviation of the loss gradient with respect to ``x_q``.
+
+Modes:
+
+* ``"blockwise"``: for each quantizer, HVPs with a probe on that quantizer alone: the
+  diagonal-block estimator of the reference code (one HVP per quantizer per sample).
+* ``"joint"``: one HVP per sample with independent probes on every quantizer at once;
+  ``v_i^T (H v)_i`` is unbiased for block i's trace (the off-diagonal terms have zero mean), at the
+  cost of one HVP per sample for all blocks.
+
+Sampling stops at ``max_samples`` or once the running mean changes by less than ``tolerance``
+relative to its magnitude (with ``abs`` in the denominator; the reference code omits it and so
+stops after two samples whenever the trace is negative). Several batches are averaged as the
+reference does: ``delta = max(0, mean_batches((Tr/N) / (3 sigma)))``.
+
+Deliberate deviation: BatchNorm uses batch statistics during the estimate (as the reference, in
+train mode) but its running statistics are *not* updated (the reference's estimate changes them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+log = logging.getLogger(__name__)
+PROBE_TO_DELTA = {"w_q": "delta_w", "a_q": "delta_a"}
+_EPS = 1e-6
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(p, "key", p)) for p in path)
+
+
+def delta_path(probe_path: str) -> str:
+  """``"stage1_block0/conv1/w_q"`` -> ``"stage1_block0/conv1/delta_w"`` (its ``quant_state`` leaf)."""
+  head, _, leaf = probe_path.rpartition("/")
+  return f"{head}/{PROBE_TO_DELTA[leaf]}" if head else PROBE_TO_DELTA[leaf]
+
+
+def delta_from_trace(trace_per_element, grad_sigma):
+  """EWGS Eq. 10 for one batch: ``(Tr(H)/N) / (3 sigma)``, NaN where it is undefined.
+
+  ``grad_sigma`` is the unbiased standard deviation of ``dL/dx_q``. The clipping ``max(0, .)``
+  is applied after averaging over batches (:func:`combine_batches`), as the reference does.
+  """
+  trace_per_element, grad_sigma = jnp.asarray(trace_per_element), jnp.asarray(grad_sigma)
+  ok = jnp.isfinite(trace_per_element) & jnp.isfinite(grad_sigma) & (grad_sigma > 1e-12)
+  return jnp.where(ok, trace_per_element / (3.0 * jnp.where(ok, grad_sigma, 1.0)), jnp.nan)
+
+
+def combine_batches(per_batch: np.ndarray, previous: float, name: str = "") -> float:
+  """``max(0, mean)`` over the batches with a defined value; keeps ``previous`` if there is none.
+
+  A vanishing gradient spread or a non-finite trace (the reference code's NaN on detection
+  models) leaves delta finite; the event is logged with the quantizer's name.
+  """
+  per_batch = np.asarray(per_batch, np.float64)
+  valid = per_batch[np.isfinite(per_batch)]
+  if len(valid) < len(per_batch):
+    log.warning("delta for %s: %d of %d batches had a zero gradient spread or a non-finite trace%s",
+                name, len(per_batch) - len(valid), len(per_batch),
+                "; keeping the previous delta" if not len(valid) else "; they are ignored")
+  if not len(valid):
+    return float(previous)
+  return float(max(0.0, valid.mean()))
+
+
+def _running_mean_loop(sample_fn: Callable, key, num_blocks: int, max_samples: int, tolerance: float):
+  """Averages ``sample_fn(key) -> [num_blocks]`` until every block converges or max_samples.
+
+  Returns ``(means, counts)``; a block stops accumulating once its running mean changes by less
+  than ``tolerance * (|previous mean| + 1e-6)`` (from the second sample on).
+  """
+  def cond(carry):
+    k, _, _, done = carry
+    return (k < max_samples) & ~jnp.all(done)
+
+  def body(carry):
+    k, sums, counts, done = carry
+    values = sample_fn(jax.random.fold_in(key, k))
+    active = ~done
+    new_sums = jnp.where(active, sums + values, sums)
+    new_counts = jnp.where(active, counts + 1, counts)
+    prev_mean = sums / jnp.maximum(counts, 1)
+    new_mean = new_sums / jnp.maximum(new_counts, 1)
+    converged = (counts >= 1) & (jnp.abs(new_mean - prev_mean) < tolerance * (jnp.abs(prev_mean) + _EPS))
+    return k + 1, new_sums, new_counts, done | (active & converged)
+
+  zeros = jnp.zeros((num_blocks,), jnp.float32)
+  _, sums, counts, _ = jax.lax.while_loop(
+      cond, body, (jnp.int32(0), zeros, jnp.zeros((num_blocks,), jnp.int32), jnp.zeros((num_blocks,), bool)))
+  return sums / jnp.maximum(counts, 1), counts
+
+
+def make_trace_estimator(model, *, mode: str = "joint", max_samples: int = 50, tolerance: float = 1e-3):
+  """Returns ``estimate(variables, batch, key) -> {probe path: (Tr(H)/N, sigma(g_q), samples)}``.
+
+  ``variables`` holds ``params``, ``batch_stats``, ``quant_state``; ``batch`` has ``image`` and
+  ``label``. The returned function is jitted (one compilation per batch shape) and follows the
+  shardings of its inputs, so a data-sharded batch runs data-parallel on every device and host.
+  """
+  if mode not in ("joint", "blockwise"):
+    raise ValueError(f"unknown Hessian mode {mode!r}; valid choices: ['joint', 'blockwise']")
+
+  @jax.jit
+  def estimate(variables, batch, key):
+    images, labels = batch["image"], batch["label"]
+    shapes = jax.eval_shape(functools.partial(model.init, train=True), jax.random.key(0), images)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes["perturbations"])
+    leaves, treedef = jax.tree.flatten(zeros)
+    base = {k: v for k, v in variables.items() if k != "perturbations"}
+
+    def loss(perturbations):
+      logits, _ = model.apply({**base, "perturbations": perturbations}, images, train=True,
+                              mutable=["batch_stats"])   # running statistics discarded
+      return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+
+    grad_fn = jax.grad(loss)
+    grads = jax.tree.leaves(grad_fn(zeros))
+    sigmas = jnp.stack([jnp.std(g, ddof=1) for g in grads])
+
+    def vhv(key, block_mask):
+      keys = jax.random.split(key, len(leaves))
+      vs = [jax.random.rademacher(k, leaf.shape, jnp.float32) * m
+            for k, leaf, m in zip(keys, leaves, block_mask)]
+      _, hv = jax.jvp(grad_fn, (zeros,), (jax.tree.unflatten(treedef, vs),))
+      return jnp.stack([jnp.vdot(v, h) for v, h in zip(vs, jax.tree.leaves(hv))])
+
+    n = len(leaves)
+    if mode == "joint":
+      means, counts = _running_mean_loop(lambda k: vhv(k, jnp.ones((n,))), key, n, max_samples, tolerance)
+    else:
+      def one_block(i):
+        mask = jax.nn.one_hot(i, n)
+        m, c = _running_mean_loop(lambda k: vhv(k, mask) * mask, jax.random.fold_in(key, i), n,
+                                  max_samples, tolerance)
+        return m[i], c[i]
+      means, counts = jax.lax.map(one_block, jnp.arange(n))
+    sizes = jnp.asarray([leaf.size for leaf in leaves], jnp.float32)
+    return means / sizes, sigmas, counts
+
+  def run(variables, batch, key) -> dict[str, tuple[float, float, int]]:
+    traces, sigmas, counts = jax.device_get(estimate(variables, batch, key))
+    shapes = jax.eval_shape(functools.partial(model.init, train=True), jax.random.key(0), batch["image"])
+    paths = [_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes["perturbations"])[0]]
+    return {p: (float(t), float(s), int(c)) for p, t, s, c in zip(paths, traces, sigmas, counts)}
+
+  return run
+
+
+@dataclasses.dataclass(frozen=True)
+class DeltaRefreshPolicy:
+  """When and how EWGS delta is refreshed (EWGS Sec. 4.1, Table 4).
+
+  ``mode``: ``"hessian"`` (Eq. 10 every ``every_epochs`` epochs, or every ``every_steps`` steps if
+  set; delta = 0 until the first refresh, which is never at step 0, as in the reference code),
+  ``"fixed"`` (every delta set to ``fixed_delta`` once, at step 0), or ``"off"`` (delta stays 0).
+  """
+  mode: str = "hessian"
+  every_epochs: int = 10
+  every_steps: int = 0
+  fixed_delta: float = 1e-3
+
+  def __post_init__(self):
+    if self.mode not in ("hessian", "fixed", "off"):
+      raise ValueError(f"unknown delta mode {self.mode!r}; valid choices: ['hessian', 'fixed', 'off']")
+    if self.every_epochs <= 0 or self.every_steps < 0:
+      raise ValueError("every_epochs must be > 0 and every_steps >= 0")
+    if self.fixed_delta < 0:
+      raise ValueError(f"fixed_delta must be >= 0, got {self.fixed_delta}")
+
+  def should_refresh(self, step: int, steps_per_epoch: int) -> bool:
+    if self.mode == "fixed":
+      return step == 0
+    if self.mode == "off" or step == 0:
+      return False
+    if self.every_steps:
+      return step % self.every_steps == 0
+    return step % steps_per_epoch == 0 and (step // steps_per_epoch) % self.every_epochs == 0
+
+  def refresh(self, estimator: Callable | None, variables: dict, batches: list[dict], key) -> tuple[Any, dict]:
+    """New ``quant_state`` (only deltas change) and a report ``{delta path: delta}``."""
+    flat = {_path_str(p): np.asarray(v) for p, v in
+            jax.tree_util.tree_flatten_with_path(jax.device_get(variables["quant_state"]))[0]}
+    if self.mode == "fixed":
+      new = {p: np.float32(self.fixed_delta) for p in flat}
+    else:
+      per_batch: dict[str, list[float]] = {}
+      for i, batch in enumerate(batches):
+        for probe, (trace, sigma, _) in estimator(variables, batch, jax.random.fold_in(key, i)).items():
+          per_batch.setdefault(delta_path(probe), []).append(float(delta_from_trace(trace, sigma)))
+      new = {p: np.float32(combine_batches(per_batch[p], flat[p], p)) if p in per_batch else flat[p]
+             for p in flat}
+    leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(variables["quant_state"])
+    quant_state = jax.tree.unflatten(treedef, [jnp.asarray(new[_path_str(p)], jnp.float32)
+                                               for p, _ in leaves_with_paths])
+    return quant_state, {p: float(v) for p, v in new.items()}

@@ -1,0 +1,354 @@
+"""The training program: ``train_and_evaluate(config, workdir)``, readable top to bottom.
+
+Sections: state and optimisers; the jitted steps; the loop. One ``jax.jit`` per step function
+with ``NamedSharding`` over a 1-D ``data`` mesh (batch sharded, state replicated, state donated);
+BatchNorm therefore normalises over the global batch with no ``axis_name``. Multi-host runs call
+``jax.distributed.initialize`` (``config.distributed``) and each process feeds its own rows.
+
+Per step, PEGE's replacement rate p_T and mu_T (PEGE Eq. 4 and Sec. 3.2) come from the step
+counter inside the jitted step; EWGS's delta (EWGS Eq. 10) is refreshed between epochs by
+:mod:`ewgs_jax.hessian` and lives in the ``quant_state`` collection.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ewgs_jax import checkpoints, config as config_lib, data, hessian, layers, models, ops, parallel, reporting
+from ewgs_jax import schedules
+
+log = logging.getLogger(__name__)
+
+
+# --- state and optimisers ----------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training; a plain pytree, checkpointed whole."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  quant_state: Any
+  opt_state: Any
+
+  def variables(self) -> dict:
+    return {"params": self.params, "batch_stats": self.batch_stats, "quant_state": self.quant_state}
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  """Network weights and quantizer parameters get separate optimisers (EWGS Sec. 4.1).
+
+  Weights: Adam (CIFAR ResNet-20) or SGD with momentum 0.9 (ImageNet), with coupled L2 weight
+  decay on every network parameter as PyTorch's ``weight_decay`` does in the reference code.
+  Quantizer parameters (bounds, output scale, PACT clip, LSQ step): Adam, no weight decay. Both
+  decay to 0 with a cosine schedule over the run.
+  """
+  def lr(base):
+    return optax.cosine_decay_schedule(base, total_steps) if config.lr_schedule == "cosine" else base
+
+  if config.optimizer == "adam":
+    weights = optax.adam(lr(config.learning_rate))
+  else:
+    weights = optax.sgd(lr(config.learning_rate), momentum=config.momentum, nesterov=config.nesterov)
+  weights = optax.chain(optax.add_decayed_weights(config.weight_decay), weights)
+  quant = optax.adam(lr(config.quant_learning_rate))
+
+  def labels(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "quant" if layers.is_quantizer_param(_keys(path)) else "weights", params)
+
+  return optax.multi_transform({"weights": weights, "quant": quant}, labels)
+
+
+def _keys(path) -> tuple[str, ...]:
+  return tuple(getattr(p, "key", getattr(p, "name", str(p))) for p in path)
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int):
+  """The model named by the config, quantized as ``config.quant`` says (``None``: full precision)."""
+  quant = None
+  if config.quant.enabled:
+    q = config.quant
+    quant = layers.QuantConfig(
+        weight=layers.QuantizerSpec(method=q.weight_method, backward=q.backward, bits=q.weight_bits),
+        act=layers.QuantizerSpec(method=q.act_method, backward=q.backward, bits=q.act_bits),
+        quantize_first_last=q.quantize_first_last,
+        rules=tuple((pattern, dict(overrides)) for pattern, overrides in q.rules),
+        replacement_granularity=config.pege.granularity)
+  dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+  return models.get_model(config.model, num_classes=num_classes, quant=quant, dtype=dtype,
+                          **config.model_kwargs.to_dict())
+
+
+def pege_schedules(config):
+  """(p_T, mu_T) as functions of the step (PEGE Eq. 4 and Sec. 3.2); identity for non-PEGE runs."""
+  if config.quant.enabled and config.quant.backward == "pege":
+    return (schedules.rate_schedule(config.pege.rate_schedule, **config.pege.rate_kwargs.to_dict()),
+            schedules.mu_schedule(config.pege.mu_schedule, **config.pege.mu_kwargs.to_dict()))
+  return schedules.constant_rate(1.0), schedules.constant_mu(0.0)
+
+
+# --- the jitted steps --------------------------------------------------------------------------
+
+
+def cross_entropy(logits, labels, weights=None):
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  if weights is None:
+    return losses.mean(), correct.mean()
+  return (losses * weights).sum(), (correct * weights).sum()
+
+
+def make_steps(model, tx, config, mesh):
+  """Returns jitted ``train_step(state, batch, key)`` and ``eval_step(state, batch)``."""
+  rate_fn, mu_fn = pege_schedules(config)
+  replaces = config.quant.enabled and config.quant.backward == "pege"
+  replicated, batch_sharded = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+
+  def train_step(state: TrainState, batch, key):
+    rate, mu = rate_fn(state.step), mu_fn(state.step)
+    ctx = layers.QuantContext(mu=mu, rate=rate, key=jax.random.fold_in(key, state.step) if replaces else None)
+
+    def loss_fn(params):
+      variables = {**state.variables(), "params": params}
+      logits, new_model_state = model.apply(variables, batch["image"], train=True, ctx=ctx,
+                                            mutable=["batch_stats"])
+      loss, accuracy = cross_entropy(logits, batch["label"])
+      return loss, (accuracy, new_model_state.get("batch_stats", state.batch_stats))
+
+    (loss, (accuracy, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                          batch_stats=batch_stats, opt_state=opt_state)
+    return state, {"loss": loss, "accuracy": accuracy, "rate": rate, "mu": mu}
+
+  def eval_step(state: TrainState, batch):
+    logits = model.apply(state.variables(), batch["image"], train=False)
+    loss_sum, correct = cross_entropy(logits, batch["label"], batch["mask"])
+    return {"loss_sum": loss_sum, "correct": correct, "count": batch["mask"].sum()}
+
+  train = jax.jit(train_step, in_shardings=(replicated, batch_sharded, replicated),
+                  out_shardings=(replicated, replicated), donate_argnums=0)
+  evaluate = jax.jit(eval_step, in_shardings=(replicated, batch_sharded), out_shardings=replicated)
+  return train, evaluate
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+
+def _quantizer_snapshot(state: TrainState) -> dict[str, dict[str, float]]:
+  """Per quantized layer: its scalar quantizer parameters (l, u, alpha, ...) and deltas."""
+  snapshot: dict[str, dict[str, float]] = {}
+  host = parallel.to_host({"params": state.params, "quant_state": state.quant_state})
+
+  def visit(path, leaf):
+    keys = _keys(path)
+    if (keys[-1].startswith("q_") or keys[-1].startswith("delta_")) and np.size(leaf) == 1:
+      snapshot.setdefault("/".join(keys[1:-1]), {})[keys[-1]] = float(np.asarray(leaf).reshape(()))
+
+  jax.tree_util.tree_map_with_path(visit, host)
+  return snapshot
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains ``config.model`` on ``config.dataset`` in ``workdir``, resuming if it holds a run.
+
+  Returns the summary also written to ``workdir/summary.json``.
+  """
+  # 1. Setup. Everything that can fail on bad input fails here, before anything compiles.
+  config_lib.validate(config)
+  parallel.maybe_initialize_distributed(config.distributed)
+  ops.set_conv_impl(config.conv_impl)
+  mesh = parallel.make_mesh()
+  parallel.check_batch_divisible(config.batch_size, mesh)
+  parallel.check_batch_divisible(config.eval_batch_size, mesh, "eval batch size")
+  if config.quant.enabled and config.quant.backward == "ewgs" and config.delta.mode == "hessian":
+    parallel.check_batch_divisible(config.delta.batch_size, mesh, "delta batch size")
+  checkpoints.save_or_check_config(workdir, config.to_dict())
+  checkpoints.install_preemption_handler()
+  info = data.get_dataset_info(config.dataset, data_dir=config.data_dir)
+
+  def train_iterator(batch_size, seed):
+    return data.make_train_iterator(config.dataset, global_batch_size=batch_size, seed=seed,
+                                    data_dir=config.data_dir, augment=config.augment,
+                                    workers=config.data_workers)
+
+  train_iter = train_iterator(config.batch_size, config.seed)
+  steps_per_epoch = train_iter.steps_per_epoch
+  total_steps = steps_per_epoch * config.num_epochs
+  if config.num_train_steps > 0:
+    total_steps = min(total_steps, config.num_train_steps)
+  model = build_model(config, info.num_classes)
+  first_batch = parallel.shard_batch(train_iterator(config.batch_size, config.seed).batch_at(0, 0), mesh)
+  layers.check_rules(model, first_batch["image"])
+  fp_variables = checkpoints.load_variables(config.init_from) if config.init_from and config.quant.enabled else None
+  tx = make_optimizer(config, total_steps)
+  train_step, eval_step = make_steps(model, tx, config, mesh)
+  replicated = parallel.replicated(mesh)
+  init_key, step_key, delta_key = jax.random.split(jax.random.key(config.seed), 3)
+
+  # 2. State: the latest checkpoint, or a data-driven initialisation (EWGS Sec. 4.1) on the first
+  # training batch, warm-started from a full-precision run when ``init_from`` is set.
+  @functools.partial(jax.jit, out_shardings=replicated)
+  def init_state(rng, batch):
+    if fp_variables is None:
+      variables = layers.init_variables(model, rng, batch["image"])
+    else:
+      variables = layers.warm_start(model, fp_variables, rng, batch["image"])
+    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                      batch_stats=variables.get("batch_stats", {}), quant_state=variables.get("quant_state", {}),
+                      opt_state=tx.init(variables["params"]))
+
+  keeper = checkpoints.CheckpointKeeper(workdir, max_to_keep=config.keep_checkpoints)
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                          jax.eval_shape(init_state, init_key, first_batch))
+  restored = keeper.restore_latest(abstract)
+  if restored is None:
+    state, extra = init_state(init_key, first_batch), {}
+  else:
+    state, extra = restored
+    train_iter.set_state(extra["data"])
+  del first_batch
+  history = extra.get("history", {"quantizers": [], "best_test_accuracy": 0.0, "refreshed_at": -1})
+
+  # 3. EWGS delta (EWGS Sec. 3.2): 0 until the first refresh, then every k epochs.
+  ewgs_run = config.quant.enabled and config.quant.backward == "ewgs"
+  policy = hessian.DeltaRefreshPolicy(mode=config.delta.mode if ewgs_run else "off",
+                                      every_epochs=config.delta.every_epochs, fixed_delta=config.delta.fixed_value)
+  estimator = hessian.make_trace_estimator(model, mode=config.delta.hessian_mode,
+                                           max_samples=config.delta.max_samples, tolerance=config.delta.tolerance)
+
+  def refresh_deltas(state, step):
+    """Fresh batches (the first ``num_batches`` of a new pass, as the reference) -> new deltas."""
+    delta_iter = train_iterator(config.delta.batch_size, config.seed + 1 + step)
+    batches = [parallel.shard_batch(delta_iter.batch_at(0, i), mesh) for i in range(config.delta.num_batches)]
+    quant_state, _ = policy.refresh(estimator, state.variables(), batches, jax.random.fold_in(delta_key, step))
+    return state.replace(quant_state=jax.device_put(quant_state, replicated))
+
+  # 4. The loop, with evaluation every epoch and checkpoints (data position included).
+  writer = reporting.MetricsWriter(workdir)
+  progress = reporting.ProgressBar(total_steps, config.batch_size, enabled=config.progress_bar)
+  pending: list[tuple[int, dict]] = []   # step metrics not yet fetched from the device
+  step = start_step = int(state.step)
+  excluded_time = 0.0                    # evaluation, delta refresh and checkpoint time
+  wall_start = time.time()
+  loop_start = None
+
+  def flush_metrics():
+    """Fetches pending metrics; a non-finite loss stops the run before anything is saved."""
+    nonlocal pending
+    if not pending:
+      return
+    fetched = jax.device_get([m for _, m in pending])
+    for (at, _), m in zip(pending, fetched):
+      if not math.isfinite(float(m["loss"])):
+        keeper.wait_until_finished()
+        raise FloatingPointError(
+            f"non-finite training loss ({float(m['loss'])}) at step {at}; stopping. The last good "
+            f"checkpoint in {workdir} is kept: lower the learning rate, or check the data.")
+    means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+    writer.write(pending[-1][0], "train", means)
+    progress.update(pending[-1][0], loss=means["loss"], accuracy=means["accuracy"])
+    pending = []
+
+  def evaluate(state) -> dict:
+    totals = np.zeros(3)
+    for batch in data.make_eval_iterator(config.dataset, global_batch_size=config.eval_batch_size,
+                                         data_dir=config.data_dir):
+      out = jax.device_get(eval_step(state, parallel.shard_batch(batch, mesh)))
+      totals += [out["loss_sum"], out["correct"], out["count"]]
+    return {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2]}
+
+  def save(state, step, test_accuracy=None):
+    flush_metrics()
+    keeper.save(step, state, extra={"data": train_iter.get_state(), "history": history},
+                metrics=None if test_accuracy is None else {"test_accuracy": test_accuracy})
+
+  preempted = False
+  while step < total_steps:
+    if policy.should_refresh(step, steps_per_epoch) and history["refreshed_at"] != step:
+      tick = time.perf_counter()
+      state = refresh_deltas(state, step)
+      history["refreshed_at"] = step
+      snapshot = _quantizer_snapshot(state)
+      history["quantizers"].append({"step": step, "epoch": step / steps_per_epoch, "quantizers": snapshot})
+      writer.write_quantizers(step, snapshot)
+      excluded_time += time.perf_counter() - tick
+    state, metrics = train_step(state, parallel.shard_batch(next(train_iter), mesh), step_key)
+    step += 1
+    pending.append((step, metrics))
+    if loop_start is None:               # time from the end of the first (compiling) step
+      jax.block_until_ready(metrics)
+      loop_start, first_step = time.perf_counter(), step
+    if step % config.log_every_steps == 0:
+      flush_metrics()
+    tick = time.perf_counter()
+    if step % steps_per_epoch == 0 or step == total_steps:
+      epoch = step / steps_per_epoch
+      results = None
+      if math.ceil(epoch) % config.eval_every_epochs == 0 or step == total_steps:
+        flush_metrics()
+        results = evaluate(state)
+        history["best_test_accuracy"] = max(history["best_test_accuracy"], results["accuracy"])
+        writer.write(step, "test", results)
+        progress.message(f"epoch {epoch:g}: test accuracy {results['accuracy']:.4f}, loss {results['loss']:.4f}")
+      save(state, step, None if results is None else results["accuracy"])
+    elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+      save(state, step)
+    if checkpoints.preemption_requested() or keeper.reached_preemption(step):
+      save(state, step)
+      log.warning("preemption: saved step %d in %s and stopped; re-run the command to resume", step, workdir)
+      preempted = True
+      break
+    excluded_time += time.perf_counter() - tick
+  flush_metrics()
+  jax.block_until_ready(state)
+  train_seconds = time.perf_counter() - loop_start - excluded_time if loop_start is not None else 0.0
+  keeper.wait_until_finished()
+  progress.close()
+
+  # 5. Summary and plots.
+  final = evaluate(state) if not preempted else {}
+  images = (step - first_step) * config.batch_size if loop_start is not None else 0
+  summary = {
+      "final_test_accuracy": final.get("accuracy"),
+      "final_test_loss": final.get("loss"),
+      "best_test_accuracy": max(history["best_test_accuracy"], final.get("accuracy", 0.0)),
+      "train_steps": step,
+      "epochs": step / steps_per_epoch,
+      "wall_time_s": time.time() - wall_start,
+      "train_images_per_s": images / train_seconds if train_seconds > 0 and images else None,
+      "preempted": preempted,
+      "delta_refreshes": len(history["quantizers"]),
+      "quantizers": {layer: {"bits": _layer_bits(model, layer), **values}
+                     for layer, values in _quantizer_snapshot(state).items()},
+      "config": config.to_dict(),
+  }
+  if jax.process_index() == 0:
+    reporting.write_summary(workdir, summary)
+    reporting.plot_curves(f"{workdir}/metrics.jsonl", f"{workdir}/curves.png")
+    if history["quantizers"]:
+      reporting.plot_deltas(history["quantizers"], f"{workdir}/deltas.png")
+  writer.close()
+  keeper.close()
+  return summary
+
+
+def _layer_bits(model, layer: str) -> dict[str, int | None]:
+  setting = model.quant.resolve(layer) if getattr(model, "quant", None) is not None else None
+  if setting is None:
+    return {"weight": None, "act": None}
+  return {"weight": setting.weight.bits if setting.weight.active else None,
+          "act": setting.act.bits if setting.act.active else None}
