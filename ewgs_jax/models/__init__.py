@@ -14,12 +14,20 @@ import jax.numpy as jnp
 
 from ewgs_jax.layers import QuantConfig
 from ewgs_jax.models.cifar_resnet import CifarResNet
+from ewgs_jax.models.imagenet_resnet import ImageNetResNet
+from ewgs_jax.models.mobilenet_v2 import MobileNetV2
+from ewgs_jax.models.vgg import VGG
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet8": functools.partial(CifarResNet, blocks_per_stage=1),
     "resnet20": functools.partial(CifarResNet, blocks_per_stage=3),
     "resnet32": functools.partial(CifarResNet, blocks_per_stage=5),
     "resnet56": functools.partial(CifarResNet, blocks_per_stage=9),
+    "vgg16": VGG,
+    "resnet18": functools.partial(ImageNetResNet, stage_sizes=(2, 2, 2, 2)),
+    "resnet34": functools.partial(ImageNetResNet, stage_sizes=(3, 4, 6, 3)),
+    "resnet50": functools.partial(ImageNetResNet, stage_sizes=(3, 4, 6, 3), bottleneck=True),
+    "mobilenet_v2": MobileNetV2,
 }
 
 

@@ -1,0 +1,65 @@
+"""Config validation fails fast, naming the bad key or value and listing what is valid."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+from ewgs_jax import config as config_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(name, variant=None):
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+@pytest.mark.parametrize("name,variants", [
+    ("quickstart", ["fp", "w2a2_ste", "w2a2_ewgs", "w2a2_pege"]),
+    ("cifar10_resnet20", ["fp", "w2a2_ste", "w2a2_ewgs", "w2a2_ewgs_fixed", "w2a2_pege", "w1a1_ewgs", "w4a4_pege"]),
+    ("imagenet_resnet18", ["fp", "w4a4_pege_pact", "w2a2_ewgs", "w1a32_ste"]),
+])
+def test_shipped_configs_are_valid(name, variants):
+  for variant in variants:
+    config = load_config(name, variant)
+    config_lib.validate(config)
+
+
+def test_variant_sets_what_it_says():
+  c = load_config("cifar10_resnet20", "w4a4_pege")
+  assert (c.quant.weight_bits, c.quant.act_bits, c.quant.backward, c.delta.mode) == (4, 4, "pege", "off")
+  c = load_config("cifar10_resnet20", "w2a2_ewgs_fixed")
+  assert (c.quant.backward, c.delta.mode) == ("ewgs", "fixed")
+  assert not load_config("cifar10_resnet20", "fp").quant.enabled
+  with pytest.raises(ValueError, match="unknown variant"):
+    load_config("cifar10_resnet20", "w2a2_bogus")
+
+
+def test_unknown_key_is_named_with_suggestion():
+  c = config_lib.default_config()
+  c.quant.backwards = "ewgs"
+  with pytest.raises(ValueError, match=r"unknown config keys: quant\.backwards \(did you mean quant\.backward\?\)"):
+    config_lib.validate(c)
+
+
+@pytest.mark.parametrize("key,value,pattern", [
+    ("quant.weight_bits", 0, r"quant\.weight_bits=0 is invalid; valid choices: integers 1\.\.16"),
+    ("quant.act_bits", 17, r"quant\.act_bits=17"),
+    ("quant.backward", "sste", r"quant\.backward='sste' is invalid; valid choices: \['ewgs', 'pege', 'ste'\]"),
+    ("quant.weight_method", "apot", r"valid choices: \['interval', 'pact', 'lsq', 'dorefa', 'none'\]"),
+    ("model", "resnet21", r"config\.model='resnet21' is invalid; valid choices: \[.*'resnet20'"),
+    ("optimizer", "lamb", r"valid choices: \['adam', 'sgd'\]"),
+    ("pege.rate_schedule", "step", r"valid choices: \['constant', 'cosine', 'exponential', 'linear', 'logarithmic'\]"),
+    ("pege.granularity", "layer", r"valid choices: \['network', 'tensor', 'element'\]"),
+    ("delta.mode", "auto", r"valid choices: \['hessian', 'fixed', 'off'\]"),
+    ("batch_size", 0, r"config\.batch_size=0 is invalid"),
+])
+def test_invalid_values_list_valid_choices(key, value, pattern):
+  c = config_lib.default_config()
+  section, _, leaf = key.rpartition(".")
+  (c[section] if section else c)[leaf] = value
+  with pytest.raises(ValueError, match=pattern):
+    config_lib.validate(c)

@@ -1,0 +1,117 @@
+"""Discretizers: forward rounding and each backward rule against its formula (EWGS Eq. 2, 4; PEGE Eq. 5)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ewgs_jax import estimators
+from ewgs_jax.estimators import ewgs, pege, ste
+
+
+def latent_inputs(bits, n=257, seed=0):
+  """Random x in [0, 1] plus the endpoints and exact ties (k + 0.5) / (2^b - 1)."""
+  levels = 2 ** bits - 1
+  rng = np.random.default_rng(seed + bits)
+  ties = (np.arange(levels) + 0.5) / levels
+  x = np.concatenate([rng.uniform(0, 1, n), [0.0, 1.0], ties]).astype(np.float32)
+  return jnp.asarray(x)
+
+
+def vjp(f, x, g):
+  _, pullback = jax.vjp(f, x)
+  return pullback(g)[0]
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_forward_is_round_half_to_even(bits):
+  x = latent_inputs(bits)
+  n = 2 ** bits - 1
+  # float32 arithmetic, as torch.round((L - 1) * x) in the reference; numpy also rounds half to even
+  expected = np.round(np.asarray(x) * np.float32(n)) / np.float32(n)
+  for f in (ste, functools.partial(ewgs, delta=0.3), functools.partial(pege, mu=0.3)):
+    np.testing.assert_allclose(f(x, bits), expected, atol=1e-7)
+  # ties: (k + .5) goes to the even neighbour
+  k = np.arange(n)
+  ties = jnp.asarray(((k + 0.5) / n).astype(np.float32))
+  tie_targets = np.where(k % 2 == 0, k, k + 1) / n
+  np.testing.assert_allclose(ste(ties, bits), tie_targets, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_vjps_equal_their_formulas(bits, sign):
+  x = latent_inputs(bits)
+  rng = np.random.default_rng(bits)
+  g = jnp.asarray(sign * rng.uniform(0.1, 2.0, x.shape).astype(np.float32))
+  g = g.at[::7].multiply(-1.0)  # both signs within one cotangent too
+  error = np.asarray(x) - np.asarray(ste(x, bits))
+  delta, mu = 0.37, 2.5
+  np.testing.assert_array_equal(vjp(lambda v: ste(v, bits), x, g), g)
+  np.testing.assert_allclose(vjp(lambda v: ewgs(v, bits, delta), x, g),
+                             np.asarray(g) * (1 + delta * np.sign(g) * error), rtol=1e-6)
+  np.testing.assert_allclose(vjp(lambda v: pege(v, bits, mu), x, g), np.asarray(g) + mu * error,
+                             rtol=1e-6, atol=1e-7)
+
+
+def test_zero_factor_is_exactly_ste():
+  x = latent_inputs(3)
+  g = jnp.asarray(np.random.default_rng(0).normal(size=x.shape).astype(np.float32))
+  reference = vjp(lambda v: ste(v, 3), x, g)
+  np.testing.assert_array_equal(vjp(lambda v: ewgs(v, 3, 0.0), x, g), reference)
+  np.testing.assert_array_equal(vjp(lambda v: pege(v, 3, 0.0), x, g), reference)
+
+
+def test_rule_scales_down_when_latent_is_ahead():
+  # EWGS Fig. 2: x_n below x_q and a negative gradient (update pushes x up): scale > 1; positive: < 1.
+  x = jnp.asarray([0.30])  # 2 bits: x_q = 1/3, x_n - x_q < 0
+  assert vjp(lambda v: ewgs(v, 2, 1.0), x, jnp.asarray([-1.0]))[0] < -1.0
+  assert vjp(lambda v: ewgs(v, 2, 1.0), x, jnp.asarray([1.0]))[0] < 1.0
+
+
+def test_broadcast_factor_per_channel_and_no_gradient_to_it():
+  x = jax.random.uniform(jax.random.key(0), (4, 3))
+  delta = jnp.asarray([0.0, 1.0, 2.0])
+  g = jnp.ones_like(x)
+  error = np.asarray(x - ste(x, 2))
+  np.testing.assert_allclose(vjp(lambda v: ewgs(v, 2, delta), x, g), 1 + np.asarray(delta) * error, rtol=1e-6)
+  d_delta = jax.grad(lambda d: jnp.sum(ewgs(x, 2, d) ** 2))(delta)
+  d_mu = jax.grad(lambda m: jnp.sum(pege(x, 2, m) ** 2))(jnp.float32(0.5))
+  np.testing.assert_array_equal(d_delta, np.zeros(3))
+  assert d_mu.shape == () and float(d_mu) == 0.0
+
+
+def test_jit_vmap_and_traced_factor():
+  x = jax.random.uniform(jax.random.key(1), (5, 16))
+  deltas = jnp.linspace(0.0, 1.0, 5)
+
+  def grad_row(row, d):
+    return jax.grad(lambda v: jnp.sum(ewgs(v, 4, d) * jnp.arange(16.0)))(row)
+
+  batched = jax.jit(jax.vmap(grad_row))(x, deltas)
+  for i in range(5):
+    np.testing.assert_allclose(batched[i], grad_row(x[i], deltas[i]), rtol=1e-6)
+
+
+def test_bfloat16_inputs():
+  x = jnp.asarray([0.0, 0.26, 0.5, 0.74, 1.0], jnp.bfloat16)
+  for f in (ste, functools.partial(ewgs, delta=0.5), functools.partial(pege, mu=0.5)):
+    y = f(x, 2)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y, np.float32), [0, 1 / 3, 2 / 3, 2 / 3, 1], atol=4e-3)
+    g = jax.grad(lambda v: jnp.sum(f(v, 2).astype(jnp.float32)))(x)
+    assert g.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("bits", [0, 17, 2.0, True, -1])
+def test_invalid_bits_raise(bits):
+  with pytest.raises((ValueError, TypeError), match="bits"):
+    ste(jnp.zeros(3), bits)
+
+
+def test_get_estimator_lists_choices():
+  assert estimators.get_estimator("pege") is pege
+  with pytest.raises(ValueError, match=r"valid choices: \['ewgs', 'pege', 'ste'\]"):
+    estimators.get_estimator("ewg")
