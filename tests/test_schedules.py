@@ -1,0 +1,73 @@
+"""Replacement-rate and mu schedules (PEGE Eq. 4, Sec. 3.2, Table 4-5) against their closed forms."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from ewgs_jax import schedules
+
+STEPS = [0, 1, 10, 100, 1000, 5000, 100_000]
+
+
+@pytest.mark.parametrize("name,kwargs,closed_form", [
+    ("constant", dict(rate=0.8), lambda t: 0.8),
+    ("linear", dict(initial_rate=0.2, transition_steps=1000), lambda t: min(0.2 + 0.8 * t / 1000, 1)),
+    ("logarithmic", dict(base=10.0, k=0.01, b=2.0), lambda t: min(math.log(0.01 * t + 2) / math.log(10), 1)),
+    ("exponential", dict(initial_rate=0.1, k=0.001), lambda t: min(0.1 * math.exp(0.001 * t), 1)),
+    ("cosine", dict(initial_rate=0.3, transition_steps=2000),
+     lambda t: 0.3 + 0.7 * 0.5 * (1 - math.cos(math.pi * min(t / 2000, 1)))),
+])
+def test_rate_schedules(name, kwargs, closed_form):
+  schedule = schedules.rate_schedule(name, **kwargs)
+  jitted = jax.jit(schedule)
+  values = [float(schedule(t)) for t in STEPS]
+  np.testing.assert_allclose(values, [closed_form(t) for t in STEPS], rtol=1e-5)
+  np.testing.assert_allclose([float(jitted(t)) for t in STEPS], values, rtol=1e-6)
+  assert all(0 < v <= 1 for v in values)
+  assert all(a <= b + 1e-7 for a, b in zip(values, values[1:]))
+
+
+def test_logarithmic_reaches_one_at_closed_form_step():
+  base, k, b = 10.0, 0.01, 2.0
+  schedule = schedules.logarithmic_rate(base, k, b)
+  t_star = (base - b) / k
+  assert float(schedule(t_star - 10)) < 1.0
+  assert float(schedule(t_star)) == pytest.approx(1.0)
+  assert float(schedule(t_star * 3)) == 1.0
+
+
+@pytest.mark.parametrize("name,kwargs,closed_form", [
+    ("constant", dict(mu_max=0.5), lambda t: 0.5),
+    ("linear", dict(mu_max=0.5, transition_steps=1000), lambda t: 0.5 * min(t / 1000, 1)),
+    ("logarithmic", dict(mu_max=0.5, base=100.0, k=0.1), lambda t: 0.5 * min(math.log(0.1 * t + 1) / math.log(100), 1)),
+    ("exponential", dict(mu_max=0.5, k=0.002), lambda t: 0.5 * (1 - math.exp(-0.002 * t))),
+])
+def test_mu_schedules(name, kwargs, closed_form):
+  schedule = schedules.mu_schedule(name, **kwargs)
+  values = [float(jax.jit(schedule)(t)) for t in STEPS]
+  np.testing.assert_allclose(values, [closed_form(t) for t in STEPS], rtol=1e-5, atol=1e-7)
+  assert all(0 <= v <= 0.5 + 1e-7 for v in values)
+  assert all(a <= b + 1e-7 for a, b in zip(values, values[1:]))
+
+
+@pytest.mark.parametrize("factory,kwargs,name", [
+    (schedules.logarithmic_rate, dict(base=1.0, k=0.1, b=1.5), "base"),
+    (schedules.logarithmic_rate, dict(base=10.0, k=0.0, b=2.0), "k"),
+    (schedules.logarithmic_rate, dict(base=10.0, k=0.1, b=1.0), "b"),
+    (schedules.constant_rate, dict(rate=0.0), "rate"),
+    (schedules.linear_rate, dict(initial_rate=1.5, transition_steps=10), "initial_rate"),
+    (schedules.cosine_rate, dict(initial_rate=0.5, transition_steps=0), "transition_steps"),
+    (schedules.exponential_mu, dict(mu_max=-1.0, k=0.1), "mu_max"),
+    (schedules.logarithmic_mu, dict(mu_max=1.0, base=0.5, k=0.1), "base"),
+    (schedules.exponential_rate, dict(initial_rate=0.5, k=-1.0), "k"),
+])
+def test_invalid_arguments_name_the_argument(factory, kwargs, name):
+  with pytest.raises(ValueError, match=rf"^{name} must be"):
+    factory(**kwargs)
+
+
+def test_unknown_schedule_lists_choices():
+  with pytest.raises(ValueError, match=r"valid choices: \['constant', 'exponential', 'linear', 'logarithmic'\]"):
+    schedules.mu_schedule("step", mu_max=1.0)
