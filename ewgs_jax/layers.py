@@ -165,7 +165,11 @@ class _Quantized(nn.Module):
     return setting if setting.active else None
 
   def _discretizer(self, spec: QuantizerSpec, kind: str, ctx: QuantContext | None):
-    delta = self.variable("quant_state", f"delta_{kind}", lambda: jnp.zeros((), jnp.float32)).value
+    name = f"delta_{kind}"
+    if self.is_mutable_collection("quant_state") or self.has_variable("quant_state", name):
+      delta = self.variable("quant_state", name, lambda: jnp.zeros((), jnp.float32)).value
+    else:   # applied without its quant_state (e.g. evaluation of bare params): delta = 0
+      delta = jnp.zeros((), jnp.float32)
     if spec.backward == "ewgs":
       return functools.partial(estimators.ewgs, delta=delta)
     if spec.backward == "pege":

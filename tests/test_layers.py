@@ -1,0 +1,231 @@
+"""Quantized Flax layers: data-driven initialisation, per-layer rules, warm start, gradients, probes."""
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ewgs_jax as ej
+from ewgs_jax import layers, models
+from ewgs_jax.layers import QuantConfig, QuantContext, QuantConv, QuantDense, QuantizerSpec
+
+W2A2_EWGS = QuantConfig(weight=QuantizerSpec("interval", "ewgs", 2), act=QuantizerSpec("interval", "ewgs", 2))
+
+
+class TwoConvs(nn.Module):
+  """conv_a -> relu -> conv_b -> pool -> dense, all quantizable (a tiny test model)."""
+  quant: QuantConfig | None
+
+  @nn.compact
+  def __call__(self, x, train=False, ctx=None):
+    x = nn.relu(QuantConv(6, (3, 3), quant=self.quant, name="conv_a")(x, ctx))
+    x = nn.relu(QuantConv(6, (3, 3), quant=self.quant, name="conv_b")(x, ctx))
+    return QuantDense(3, quant=self.quant, name="fc")(jnp.mean(x, (1, 2)), ctx)
+
+
+def conv(x, w):
+  return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.fixture(scope="module")
+def images():
+  return jax.nn.relu(jax.random.normal(jax.random.key(0), (4, 6, 6, 2)))
+
+
+def test_full_precision_layers_equal_plain_flax(images):
+  v = QuantConv(5, (3, 3)).init(jax.random.key(1), images)
+  np.testing.assert_allclose(QuantConv(5, (3, 3)).apply(v, images),
+                             nn.Conv(5, (3, 3), use_bias=False).apply(v, images), rtol=1e-6)
+  flat = images.reshape(4, -1)
+  v = QuantDense(7).init(jax.random.key(2), flat)
+  np.testing.assert_allclose(QuantDense(7).apply(v, flat), nn.Dense(7).apply(v, flat), rtol=1e-6)
+  # a config whose every quantizer is 'none' is the full-precision model, same parameter names
+  none = QuantConfig(weight=QuantizerSpec("none"), act=QuantizerSpec("none"))
+  fp_vars = jax.jit(TwoConvs(None).init)(jax.random.key(3), images)
+  np.testing.assert_allclose(jax.jit(TwoConvs(none).apply)(fp_vars, images),
+                             jax.jit(TwoConvs(None).apply)(fp_vars, images), rtol=1e-6)
+
+
+def test_data_driven_initialisation_formulas(images):
+  model = TwoConvs(W2A2_EWGS)
+  v = layers.init_variables(model, jax.random.key(4), images)
+  p = v["params"]["conv_a"]
+  kernel = np.asarray(p["kernel"], np.float64)
+  sigma_w = kernel.std(ddof=1)                               # unbiased, as torch.std
+  np.testing.assert_allclose([p["q_w_lower"], p["q_w_upper"]], [-3 * sigma_w, 3 * sigma_w], rtol=1e-5)
+  x = np.asarray(images, np.float64)
+  np.testing.assert_allclose(p["q_a_lower"], x.min(), atol=1e-7)
+  np.testing.assert_allclose(p["q_a_upper"], 3 * x.std(ddof=1) / math.sqrt(1 - 2 / math.pi), rtol=1e-5)
+  # alpha = E|conv(x, w)| / E|conv(Q(x), Q(w))| with the freshly initialised bounds
+  q_x = ej.interval(images, p["q_a_lower"], p["q_a_upper"], bits=2, weight=False)
+  q_w = ej.interval(p["kernel"], p["q_w_lower"], p["q_w_upper"], bits=2, weight=True)
+  alpha = jnp.mean(jnp.abs(conv(images, p["kernel"]))) / jnp.mean(jnp.abs(conv(q_x, q_w)))
+  np.testing.assert_allclose(p["q_alpha"], alpha, rtol=1e-5)
+  # layer by layer: conv_b's activation bounds come from conv_a's *quantized* output
+  y = jax.nn.relu(conv(q_x, q_w) * jnp.abs(p["q_alpha"]))
+  np.testing.assert_allclose(v["params"]["conv_b"]["q_a_upper"],
+                             3 * np.asarray(y, np.float64).std(ddof=1) / math.sqrt(1 - 2 / math.pi), rtol=1e-4)
+  assert float(v["quant_state"]["conv_a"]["delta_w"]) == 0.0   # delta starts at 0 (reference code)
+
+
+def test_pact_and_lsq_initialisations(images):
+  pact = TwoConvs(QuantConfig(weight=QuantizerSpec("pact"), act=QuantizerSpec("pact")))
+  p = layers.init_variables(pact, jax.random.key(5), images)["params"]["conv_a"]
+  assert float(p["q_a_clip"]) == layers.PACT_INIT_CLIP
+  lsq = TwoConvs(QuantConfig(weight=QuantizerSpec("lsq", bits=3), act=QuantizerSpec("lsq", bits=3)))
+  p = layers.init_variables(lsq, jax.random.key(5), images)["params"]["conv_a"]
+  np.testing.assert_allclose(p["q_a_step"], 2 * np.abs(np.asarray(images)).mean() / math.sqrt(7), rtol=1e-5)
+  np.testing.assert_allclose(p["q_w_step"], 2 * np.abs(np.asarray(p["kernel"])).mean() / math.sqrt(3), rtol=1e-5)
+  assert "q_alpha" not in p   # the output scale belongs to the interval (EWGS) parameterisation
+
+
+def test_rule_changes_exactly_the_matched_layers(images):
+  base2 = QuantConfig(rules=((r"conv_b$", {"bits": 4}),))
+  all4 = QuantConfig(weight=QuantizerSpec(bits=4), act=QuantizerSpec(bits=4))
+  assert base2.resolve("conv_b").weight.bits == 4 and base2.resolve("conv_a").weight.bits == 2
+  v = layers.init_variables(TwoConvs(base2), jax.random.key(6), images)
+  run = lambda quant: TwoConvs(quant).apply(v, images, capture_intermediates=True, mutable=["intermediates"])[1]
+  mixed, four = run(base2), run(all4)
+  out = lambda tree, name: tree["intermediates"][name]["__call__"][0]
+  assert not np.allclose(out(mixed, "conv_a"), out(four, "conv_a"))
+  # conv_b computes what a 4-bit conv_b computes on conv_a's (2-bit) output
+  conv_b = QuantConv(6, (3, 3), quant=all4)
+  np.testing.assert_allclose(out(mixed, "conv_b"),
+                             conv_b.apply({"params": v["params"]["conv_b"]}, jax.nn.relu(out(mixed, "conv_a"))), rtol=1e-5)
+  disabled = QuantConfig(rules=(("fc", {"enabled": False}), ("conv_a", {"weight_bits": 3, "act_method": "none"})))
+  assert not disabled.resolve("fc").active
+  assert disabled.resolve("conv_a").weight.bits == 3 and not disabled.resolve("conv_a").act.active
+
+
+def test_unmatched_or_invalid_rules_raise(images):
+  with pytest.raises(ValueError, match=r"\['conv_c'\] match no quantizable layer"):
+    layers.check_rules(TwoConvs(QuantConfig(rules=(("conv_c", {"bits": 3}),))), images)
+  layers.check_rules(TwoConvs(QuantConfig(rules=(("conv_", {"bits": 3}),))), images)
+  with pytest.raises(ValueError, match="unknown keys"):
+    QuantConfig(rules=(("conv", {"bitz": 3}),))
+  with pytest.raises(ValueError, match="bits"):
+    QuantConfig(rules=(("conv", {"bits": 0}),))
+  with pytest.raises(ValueError, match="valid choices"):
+    QuantizerSpec(method="apot")
+  # first/last layers of a model are not quantizable by default: a rule aimed at them is unmatched
+  resnet = models.get_model("resnet8", num_classes=10, quant=QuantConfig(rules=(("^fc$", {"bits": 8}),)))
+  with pytest.raises(ValueError, match="match no quantizable layer"):
+    layers.check_rules(resnet, jnp.zeros((2, 8, 8, 1)))
+
+
+def test_warm_start_copies_weights_and_names_mismatches(images):
+  fp_vars = layers.init_variables(TwoConvs(None), jax.random.key(7), images)
+  q_vars = layers.warm_start(TwoConvs(W2A2_EWGS), fp_vars, jax.random.key(8), images)
+  for name in ("conv_a", "conv_b", "fc"):
+    for leaf in fp_vars["params"][name]:
+      np.testing.assert_array_equal(q_vars["params"][name][leaf], fp_vars["params"][name][leaf])
+    assert "q_w_upper" in q_vars["params"][name]
+  # bounds were initialised from the copied kernel, not a random one
+  np.testing.assert_allclose(q_vars["params"]["conv_a"]["q_w_upper"],
+                             3 * np.asarray(fp_vars["params"]["conv_a"]["kernel"]).std(ddof=1), rtol=1e-5)
+  broken = {"params": {**fp_vars["params"], "conv_b": {"kernel": jnp.zeros((3, 3, 6, 5))}, "extra": {"w": jnp.zeros(1)}}}
+  with pytest.raises(ValueError, match=r"unexpected params/extra/w; shape of params/conv_b/kernel: checkpoint \(3, 3, 6, 5\)"):
+    layers.warm_start(TwoConvs(W2A2_EWGS), broken, jax.random.key(8), images)
+  del broken["params"]["fc"]
+  with pytest.raises(ValueError, match="missing params/fc/bias"):
+    layers.warm_start(TwoConvs(W2A2_EWGS), broken, jax.random.key(8), images)
+
+
+@pytest.mark.parametrize("backward", ["ewgs", "pege"])
+def test_gradients_reach_every_quantizer_parameter_and_not_delta(images, backward):
+  quant = QuantConfig(weight=QuantizerSpec("interval", backward, 2), act=QuantizerSpec("interval", backward, 2))
+  model = TwoConvs(quant)
+  v = layers.init_variables(model, jax.random.key(9), images)
+  v["quant_state"] = jax.tree.map(lambda d: d + 0.5, v["quant_state"])
+  ctx = QuantContext(mu=jnp.float32(0.1), rate=jnp.float32(0.7), key=jax.random.key(1))
+
+  @jax.jit
+  @jax.grad
+  def grads(variables):
+    return jnp.sum(model.apply(variables, images, ctx=ctx) ** 2)
+
+  grads = grads(v)
+  for path, g in jax.tree_util.tree_leaves_with_path(grads["params"]):
+    assert np.all(np.abs(np.asarray(g)).sum() > 0), path
+  for g in jax.tree.leaves(grads["quant_state"]):
+    assert float(g) == 0.0
+  assert layers.is_quantizer_param(("conv_a", "q_alpha")) and not layers.is_quantizer_param(("conv_a", "kernel"))
+
+
+def test_probe_gradient_is_the_gradient_wrt_x_q(images):
+  layer = QuantConv(4, (3, 3), quant=W2A2_EWGS)
+  v = layer.init(jax.random.key(10), images)
+  assert set(v["perturbations"]) == {"a_q", "w_q"}
+  assert v["perturbations"]["a_q"].shape == images.shape and not np.any(v["perturbations"]["a_q"])
+  p = v["params"]
+  target = jax.random.normal(jax.random.key(11), (4, 6, 6, 4))
+
+  def via_probe(perturbations):
+    return jnp.sum((layer.apply({"params": p, "quant_state": v["quant_state"], "perturbations": perturbations},
+                                images) - target) ** 2)
+
+  grads = jax.grad(via_probe)(v["perturbations"])
+  a_q = ej.interval(images, p["q_a_lower"], p["q_a_upper"], bits=2, weight=False)
+  w_q = ej.interval(p["kernel"], p["q_w_lower"], p["q_w_upper"], bits=2, weight=True)
+  direct = jax.grad(lambda a: jnp.sum((conv(a, w_q) * jnp.abs(p["q_alpha"]) - target) ** 2))(a_q)
+  np.testing.assert_allclose(grads["a_q"], direct, rtol=1e-5, atol=1e-6)
+  # the weight probe sits on x_q in [0, 1], before the 2(x_q - 0.5) map: chain rule factor 2
+  direct_w = jax.grad(lambda w: jnp.sum((conv(a_q, 2 * (w - 0.5)) * jnp.abs(p["q_alpha"]) - target) ** 2))(
+      (w_q + 1) / 2)
+  np.testing.assert_allclose(grads["w_q"], direct_w, rtol=1e-5, atol=1e-5)
+  # zero probes do not change the output
+  np.testing.assert_allclose(layer.apply(v, images), layer.apply({k: v[k] for k in ("params", "quant_state")}, images))
+
+
+def test_replacement_in_the_layer_follows_the_rate(images):
+  layer = QuantConv(4, (3, 3), quant=W2A2_EWGS)
+  v = layer.init(jax.random.key(12), images)
+  v = {k: v[k] for k in ("params", "quant_state")}
+  quantized = layer.apply(v, images)
+  full = layer.apply(v, images, QuantContext(rate=jnp.float32(1.0), key=jax.random.key(0)))
+  np.testing.assert_allclose(full, quantized, rtol=1e-6)   # p = 1: exactly the quantized layer
+  mixed = layer.apply(v, images, QuantContext(rate=jnp.float32(0.5), key=jax.random.key(0)))
+  assert not np.allclose(mixed, quantized)
+
+
+@pytest.mark.parametrize("name,shape,classes,expected", [
+    ("resnet20", (1, 32, 32, 3), 10, 269_850),        # "0.27 M" (EWGS Sec. 4.1)
+    ("resnet32", (1, 32, 32, 3), 10, 464_282),
+    ("resnet56", (1, 32, 32, 3), 10, 853_146),       # akamaster counts + the BN before fc
+    ("vgg16", (1, 32, 32, 3), 10, 14_724_042),
+    ("resnet18", (1, 224, 224, 3), 1000, 11_689_512),  # torchvision's counts
+    ("resnet34", (1, 224, 224, 3), 1000, 21_797_672),
+    ("resnet50", (1, 224, 224, 3), 1000, 25_557_032),
+    ("mobilenet_v2", (1, 224, 224, 3), 1000, 3_504_872),
+])
+def test_model_zoo_shapes_and_parameter_counts(name, shape, classes, expected):
+  for quant in (None, W2A2_EWGS):
+    model = models.get_model(name, num_classes=classes, quant=quant)
+    v = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), jnp.zeros(shape))
+    out = jax.eval_shape(functools.partial(model.apply, train=False), v, jnp.zeros(shape))
+    assert out.shape == (1, classes)
+    weights = sum(x.size for p, x in jax.tree_util.tree_leaves_with_path(v["params"])
+                  if not layers.is_quantizer_param([getattr(k, "key", k) for k in p]))
+    assert weights == expected
+
+
+def test_mobilenet_can_quantize_every_layer():
+  everything = QuantConfig(quantize_first_last=True)
+  paths = layers.quantizable_layers(models.get_model("mobilenet_v2", num_classes=10, quant=everything),
+                                    jnp.zeros((1, 32, 32, 3)))
+  assert "stem" in paths and "fc" in paths and "block1_0/depthwise" in paths
+  default = layers.quantizable_layers(models.get_model("mobilenet_v2", num_classes=10, quant=QuantConfig()),
+                                      jnp.zeros((1, 32, 32, 3)))
+  assert "stem" not in default and "fc" not in default
+  resnet18 = layers.quantizable_layers(models.get_model("resnet18", num_classes=10, quant=QuantConfig()),
+                                       jnp.zeros((1, 64, 64, 3)))
+  assert "layer2_block0/downsample_conv" in resnet18 and "conv1" not in resnet18
+
+
+def test_unknown_model_lists_choices():
+  with pytest.raises(ValueError, match=r"valid choices: \[.*'mobilenet_v2'.*'resnet20'"):
+    models.get_model("resnet21", num_classes=10)
