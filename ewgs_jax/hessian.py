@@ -106,6 +106,22 @@ def _running_mean_loop(sample_fn: Callable, key, num_blocks: int, max_samples: i
   return sums / jnp.maximum(counts, 1), counts
 
 
+def probe_loss(model, variables: dict, batch: dict) -> tuple[Callable, Any]:
+  """``(loss(perturbations), zero perturbations)``: the mean cross-entropy as a function of the
+  probes on every quantizer's ``x_q``. BatchNorm uses batch statistics; its updates are discarded.
+  """
+  images, labels = batch["image"], batch["label"]
+  shapes = jax.eval_shape(functools.partial(model.init, train=True), jax.random.key(0), images)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes["perturbations"])
+  base = {k: v for k, v in variables.items() if k != "perturbations"}
+
+  def loss(perturbations):
+    logits, _ = model.apply({**base, "perturbations": perturbations}, images, train=True, mutable=["batch_stats"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+
+  return loss, zeros
+
+
 def make_trace_estimator(model, *, mode: str = "joint", max_samples: int = 50, tolerance: float = 1e-3):
   """Returns ``estimate(variables, batch, key) -> {probe path: (Tr(H)/N, sigma(g_q), samples)}``.
 
@@ -118,17 +134,8 @@ def make_trace_estimator(model, *, mode: str = "joint", max_samples: int = 50, t
 
   @jax.jit
   def estimate(variables, batch, key):
-    images, labels = batch["image"], batch["label"]
-    shapes = jax.eval_shape(functools.partial(model.init, train=True), jax.random.key(0), images)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes["perturbations"])
+    loss, zeros = probe_loss(model, variables, batch)
     leaves, treedef = jax.tree.flatten(zeros)
-    base = {k: v for k, v in variables.items() if k != "perturbations"}
-
-    def loss(perturbations):
-      logits, _ = model.apply({**base, "perturbations": perturbations}, images, train=True,
-                              mutable=["batch_stats"])   # running statistics discarded
-      return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
-
     grad_fn = jax.grad(loss)
     grads = jax.tree.leaves(grad_fn(zeros))
     sigmas = jnp.stack([jnp.std(g, ddof=1) for g in grads])
@@ -153,10 +160,15 @@ def make_trace_estimator(model, *, mode: str = "joint", max_samples: int = 50, t
     sizes = jnp.asarray([leaf.size for leaf in leaves], jnp.float32)
     return means / sizes, sigmas, counts
 
+  @functools.lru_cache(maxsize=8)
+  def probe_paths(image_shape, dtype) -> list[str]:
+    shapes = jax.eval_shape(functools.partial(model.init, train=True), jax.random.key(0),
+                            jax.ShapeDtypeStruct(image_shape, dtype))
+    return [_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes["perturbations"])[0]]
+
   def run(variables, batch, key) -> dict[str, tuple[float, float, int]]:
     traces, sigmas, counts = jax.device_get(estimate(variables, batch, key))
-    shapes = jax.eval_shape(functools.partial(model.init, train=True), jax.random.key(0), batch["image"])
-    paths = [_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes["perturbations"])[0]]
+    paths = probe_paths(tuple(batch["image"].shape), batch["image"].dtype)
     return {p: (float(t), float(s), int(c)) for p, t, s, c in zip(paths, traces, sigmas, counts)}
 
   return run

@@ -1,0 +1,207 @@
+"""Hutchinson traces over quantizer outputs and the EWGS delta rule (EWGS Eq. 8-10)."""
+
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from ewgs_jax import hessian, layers
+from ewgs_jax.layers import QuantConfig, QuantDense, QuantizerSpec
+
+
+class TinyMLP(nn.Module):
+  """Two quantized dense layers with BatchNorm between them: 4 probe blocks, 40 probe elements."""
+  quant: QuantConfig
+
+  @nn.compact
+  def __call__(self, x, train=False, ctx=None):
+    x = QuantDense(4, quant=self.quant, name="d1")(x, ctx)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(x))
+    return QuantDense(3, quant=self.quant, name="d2")(x, ctx)
+
+
+def quant(backward):
+  return QuantConfig(weight=QuantizerSpec("interval", backward, 2), act=QuantizerSpec("interval", backward, 2))
+
+
+@pytest.fixture(scope="module")
+def setup():
+  """A tiny model, its variables (delta > 0 so EWGS differs from STE) and a batch."""
+  x = jax.random.normal(jax.random.key(0), (4, 2)) + 0.5
+  batch = {"image": x, "label": jnp.asarray([0, 1, 2, 1])}
+  out = {}
+  for backward in ("ste", "ewgs", "pege"):
+    model = TinyMLP(quant(backward))
+    variables = jax.jit(lambda k, x, m=model: layers.init_variables(m, k, x))(jax.random.key(1), x)
+    variables["quant_state"] = jax.tree.map(lambda d: d + 2.0, variables["quant_state"])
+    out[backward] = (model, variables)
+  return out, batch
+
+
+_EXACT = {}
+
+
+def exact_block_traces(model, variables, batch):
+  """Tr(H_ii)/N_i per probe block from the full Jacobian of the gradient (``jax.hessian``)."""
+  loss, zeros = hessian.probe_loss(model, variables, batch)
+  flat, unravel = ravel_pytree(zeros)
+  if id(model) not in _EXACT:
+    _EXACT[id(model)] = np.asarray(jax.jit(jax.hessian(lambda z: loss(unravel(z))))(flat))
+  h = _EXACT[id(model)]
+  sizes = [leaf.size for leaf in jax.tree.leaves(zeros)]
+  bounds = np.cumsum([0] + sizes)
+  return h, bounds, np.asarray([np.trace(h[a:b, a:b]) / (b - a) for a, b in zip(bounds, bounds[1:])])
+
+
+@pytest.mark.parametrize("backward", ["ste", "ewgs"])
+def test_all_rademacher_vectors_give_the_exact_block_trace(setup, backward):
+  models, batch = setup
+  model, variables = models[backward]
+  loss, zeros = hessian.probe_loss(model, variables, batch)
+  h, bounds, exact = exact_block_traces(model, variables, batch)
+  grad_fn = jax.grad(loss)
+  leaves, treedef = jax.tree.flatten(zeros)
+  block = int(np.argmin(np.diff(bounds)))            # the smallest block (the 4x... weight probe)
+  n = bounds[block + 1] - bounds[block]
+  assert n <= 12
+
+  @jax.jit
+  def sample(v_block):
+    vs = [v_block.reshape(leaf.shape) if i == block else jnp.zeros_like(leaf) for i, leaf in enumerate(leaves)]
+    _, hv = jax.jvp(grad_fn, (zeros,), (jax.tree.unflatten(treedef, vs),))
+    return jnp.vdot(vs[block], jax.tree.leaves(hv)[block])
+
+  signs = jnp.asarray(list(itertools.product([-1.0, 1.0], repeat=int(n))))
+  mean = float(jnp.mean(jax.vmap(sample)(signs)))
+  np.testing.assert_allclose(mean / n, exact[block], rtol=1e-4, atol=1e-7)
+
+
+def sample_std(h, bounds, block, joint, samples=20_000, seed=0):
+  """Std of a single Hutchinson sample for ``block``, by simulation on the exact matrix."""
+  v = np.random.default_rng(seed).choice([-1.0, 1.0], size=(samples, h.shape[0]))
+  a, b = bounds[block], bounds[block + 1]
+  if not joint:
+    v[:, :a] = 0
+    v[:, b:] = 0
+  values = np.einsum("si,si->s", v[:, a:b], v @ h.T[:, a:b])
+  return values.std() / (b - a)
+
+
+@pytest.mark.parametrize("mode", ["joint", "blockwise"])
+@pytest.mark.parametrize("backward", ["ste", "ewgs"])
+def test_estimates_converge_to_exact_block_traces(setup, mode, backward):
+  models, batch = setup
+  model, variables = models[backward]
+  h, bounds, exact = exact_block_traces(model, variables, batch)
+  samples = 400
+  estimator = hessian.make_trace_estimator(model, mode=mode, max_samples=samples, tolerance=0.0)
+  result = estimator(variables, batch, jax.random.key(3))
+  assert len(result) == len(exact) == 4
+  for i, (trace, _, count) in enumerate(result.values()):
+    assert count == samples
+    tolerance = 5 * sample_std(h, bounds, i, mode == "joint") / np.sqrt(samples) + 1e-6
+    assert abs(trace - exact[i]) < tolerance, (i, trace, exact[i], tolerance)
+
+
+@pytest.mark.parametrize("backward", ["ste", "ewgs", "pege"])
+def test_forward_over_reverse_equals_reverse_over_reverse_per_sample(setup, backward):
+  """v^T H v per sample, for joint probes (whole vector) and for block-only probes (each block).
+
+  With EWGS the surrogate "Hessian" J is not symmetric: J v and J^T v differ, and so do the
+  block parts v_i^T (J v)_i of a joint probe, but v^T J v and block-only samples agree.
+  """
+  models, batch = setup
+  model, variables = models[backward]
+  loss, zeros = hessian.probe_loss(model, variables, batch)
+  grad_fn = jax.grad(loss)
+
+  @jax.jit
+  def both(v):
+    fwd = jax.jvp(grad_fn, (zeros,), (v,))[1]
+    rev = jax.grad(lambda z: sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(grad_fn(z)), jax.tree.leaves(v))))(zeros)
+    dot = lambda t: sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(t)))
+    return dot(fwd), dot(rev)
+
+  leaves, treedef = jax.tree.flatten(zeros)
+  for i in range(2):
+    vs = [jax.random.rademacher(jax.random.key(10 * i + j), z.shape, jnp.float32) for j, z in enumerate(leaves)]
+    fwd, rev = both(jax.tree.unflatten(treedef, vs))
+    np.testing.assert_allclose(fwd, rev, rtol=1e-4, atol=1e-6)
+    assert abs(float(fwd)) > 1e-6
+    for block in range(len(vs)):
+      only = [v if j == block else jnp.zeros_like(v) for j, v in enumerate(vs)]
+      fwd, rev = both(jax.tree.unflatten(treedef, only))
+      np.testing.assert_allclose(fwd, rev, rtol=1e-4, atol=1e-6)
+
+
+def test_early_stop_uses_absolute_value():
+  # A negative, noiseless trace: the reference code's test (no abs) would stop after 2 samples
+  # whatever the tolerance; ours stops once the mean is stable, which for a constant is also 2.
+  means, counts = jax.jit(lambda k: hessian._running_mean_loop(
+      lambda key: jnp.asarray([-1.0, 1.0]) + 0.5 * jax.random.normal(key, (2,)), k, 2, 200, 1e-3))(jax.random.key(0))
+  assert np.all(np.asarray(counts) > 2)       # noisy: keeps sampling for either sign
+  assert np.all(np.asarray(counts) <= 200)
+  np.testing.assert_allclose(means, [-1.0, 1.0], atol=0.3)
+
+
+def test_delta_rule_formula_and_guards():
+  np.testing.assert_allclose(hessian.delta_from_trace(0.6, 0.1), 0.6 / 0.3)
+  assert np.isnan(hessian.delta_from_trace(0.6, 0.0))          # zero-gradient batch
+  assert np.isnan(hessian.delta_from_trace(np.inf, 0.1))
+  assert hessian.combine_batches([0.2, 0.4, np.nan], previous=9.0) == pytest.approx(0.3)
+  assert hessian.combine_batches([-0.2, -0.4], previous=9.0) == 0.0   # max(0, .)
+  assert hessian.combine_batches([np.nan, np.nan], previous=0.25) == 0.25
+  assert hessian.delta_path("stage1_block0/conv1/w_q") == "stage1_block0/conv1/delta_w"
+  assert hessian.delta_path("fc/a_q") == "fc/delta_a"
+
+
+def test_refresh_only_writes_delta(setup):
+  models, batch = setup
+  model, variables = models["ewgs"]
+  variables = jax.tree.map(jnp.asarray, variables)
+  before = jax.tree.map(np.asarray, variables)
+  estimator = hessian.make_trace_estimator(model, mode="joint", max_samples=20)
+  policy = hessian.DeltaRefreshPolicy(mode="hessian", every_epochs=1)
+  quant_state, report = policy.refresh(estimator, variables, [batch, batch], jax.random.key(4))
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, variables), before)  # inputs untouched
+  assert jax.tree.structure(quant_state) == jax.tree.structure(variables["quant_state"])
+  assert set(report) == {"d1/delta_a", "d1/delta_w", "d2/delta_a", "d2/delta_w"}
+  values = np.asarray(jax.tree.leaves(quant_state))
+  assert np.all(values >= 0) and np.all(np.isfinite(values)) and np.any(values != 2.0)
+  # a batch with no gradient (all-equal logits are impossible to force here; zero labels weight)
+  fixed, _ = hessian.DeltaRefreshPolicy(mode="fixed", fixed_delta=0.001).refresh(None, variables, [], None)
+  np.testing.assert_allclose(jax.tree.leaves(fixed), 0.001)
+
+
+def test_zero_gradient_batch_keeps_delta_finite(setup):
+  models, batch = setup
+  model, variables = models["ewgs"]
+  # Zeroing the last layer's weights and bound spread makes every probe's gradient vanish.
+  params = jax.tree.map(jnp.zeros_like, variables["params"])
+  zeroed = {**variables, "params": params}
+  estimator = hessian.make_trace_estimator(model, mode="joint", max_samples=4)
+  quant_state, report = hessian.DeltaRefreshPolicy().refresh(estimator, zeroed, [batch], jax.random.key(5))
+  assert all(np.isfinite(v) for v in report.values())
+  np.testing.assert_allclose(list(report.values()), 2.0)   # kept the previous delta
+
+
+@pytest.mark.parametrize("policy,expected", [
+    (hessian.DeltaRefreshPolicy(mode="hessian", every_epochs=10), [100, 200]),
+    (hessian.DeltaRefreshPolicy(mode="hessian", every_epochs=1, every_steps=25), [25, 50, 75, 100, 125, 150, 175, 200, 225]),
+    (hessian.DeltaRefreshPolicy(mode="fixed"), [0]),
+    (hessian.DeltaRefreshPolicy(mode="off"), []),
+])
+def test_refresh_schedule(policy, expected):
+  steps_per_epoch = 10
+  assert [s for s in range(250) if policy.should_refresh(s, steps_per_epoch)] == expected
+
+
+def test_bad_modes_raise():
+  with pytest.raises(ValueError, match="valid choices"):
+    hessian.DeltaRefreshPolicy(mode="auto")
+  with pytest.raises(ValueError, match="valid choices"):
+    hessian.make_trace_estimator(None, mode="diag")
