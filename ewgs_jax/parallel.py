@@ -36,6 +36,8 @@ def maybe_initialize_distributed(config: Any = None) -> None:
     return
   kwargs = {k: config.get(k) for k in ("coordinator_address", "num_processes", "process_id")
             if config.get(k) is not None}
+  # CPU processes need a collectives backend to talk to each other (no effect on GPU/TPU).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**kwargs)
   log.info("distributed: process %d of %d, %d global devices", jax.process_index(), jax.process_count(),
            jax.device_count())

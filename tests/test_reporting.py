@@ -1,0 +1,73 @@
+"""Run outputs: JSONL, TensorBoard event records, summary, plots, the results table, progress bar."""
+
+import io
+import json
+import os
+
+import numpy as np
+
+from ewgs_jax import reporting
+
+
+def test_crc32c_known_value():
+  assert reporting.crc32c(b"123456789") == 0xE3069283   # the CRC-32C check value
+
+
+def test_metrics_and_events_round_trip(tmp_path):
+  writer = reporting.MetricsWriter(str(tmp_path), enabled=True)
+  writer.write(10, "train", {"loss": 1.5, "accuracy": np.float32(0.25)})
+  writer.write(20, "test", {"accuracy": 0.5})
+  writer.write_quantizers(20, {"layer/conv": {"delta_w": 0.125, "q_alpha": 1.0}})
+  writer.close()
+  lines = reporting.read_metrics(str(tmp_path / "metrics.jsonl"))
+  assert lines[0] == {"step": 10, "split": "train", "loss": 1.5, "accuracy": 0.25}
+  assert lines[2]["quantizers"]["layer/conv"]["delta_w"] == 0.125
+  (event_file,) = [f for f in os.listdir(tmp_path) if f.startswith("events.out.tfevents")]
+  events = reporting.read_events(str(tmp_path / event_file))
+  assert events[1] == (10, {"train/loss": 1.5, "train/accuracy": 0.25})
+  assert events[3][1] == {"quant/layer/conv/delta_w": 0.125, "quant/layer/conv/q_alpha": 1.0}
+  raw = bytearray((tmp_path / event_file).read_bytes())
+  raw[30] ^= 0xFF
+  (tmp_path / "broken").write_bytes(bytes(raw))
+  try:
+    reporting.read_events(str(tmp_path / "broken"))
+    raise AssertionError("a corrupted record must fail its CRC")
+  except ValueError as e:
+    assert "CRC" in str(e)
+
+
+def test_disabled_writer_writes_nothing(tmp_path):
+  writer = reporting.MetricsWriter(str(tmp_path / "x"), enabled=False)
+  writer.write(1, "train", {"loss": 1.0})
+  writer.close()
+  assert not os.path.exists(tmp_path / "x")
+
+
+def test_summary_plots_and_table(tmp_path):
+  writer = reporting.MetricsWriter(str(tmp_path), enabled=True)
+  for step in range(1, 6):
+    writer.write(step, "train", {"loss": 1 / step, "accuracy": step / 10})
+  writer.write(5, "test", {"loss": 0.3, "accuracy": 0.9})
+  writer.close()
+  reporting.plot_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path / "curves.png"))
+  history = [{"step": s, "epoch": s, "quantizers": {"a": {"delta_w": 0.1 * s, "delta_a": 0.01}}} for s in (1, 2)]
+  reporting.plot_deltas(history, str(tmp_path / "deltas.png"))
+  for png in ("curves.png", "deltas.png"):
+    content = (tmp_path / png).read_bytes()
+    assert content[:8] == b"\x89PNG\r\n\x1a\n" and len(content) > 5000
+  summary = {"final_test_accuracy": 0.9, "best_test_accuracy": 0.95, "epochs": 3, "train_images_per_s": 1234.5,
+             "config": {"quant": {"enabled": True, "weight_bits": 2, "act_bits": 2, "backward": "ewgs"}}}
+  reporting.write_summary(str(tmp_path), summary)
+  assert json.loads((tmp_path / "summary.json").read_text())["best_test_accuracy"] == 0.95
+  table = reporting.results_table([str(tmp_path)])
+  assert f"| {tmp_path.name} | ewgs | W2A2 | 90.00 % | 95.00 % | 3 | 1,234 |" in table
+
+
+def test_progress_bar_lines():
+  stream = io.StringIO()
+  bar = reporting.ProgressBar(100, batch_size=32, stream=stream)
+  bar.update(10, loss=1.0)
+  bar.update(20, loss=0.5, accuracy=0.75)
+  text = stream.getvalue().splitlines()
+  assert text[0].startswith("step 10/100 (10%) | loss 1.0000")
+  assert "accuracy 0.7500" in text[1] and "img/s" in text[1] and "ETA" in text[1]
