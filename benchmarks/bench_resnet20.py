@@ -1,0 +1,70 @@
+"""ResNet-20 training-step cost: full precision vs W2A2 STE / EWGS / PEGE, XLA vs fast conv.
+
+    python benchmarks/bench_resnet20.py [--batch 256] [--repeats 5] [--conv auto,xla,fast]
+
+Each case is the real jitted ``train_step`` of :mod:`ewgs_jax.training` (forward, backward,
+optimizer update, BatchNorm) on random 32x32x3 data, timed with interleaved repeats. Prints
+medians, images/s, and every case's ratio to full precision with the same convolution.
+"""
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import time_interleaved  # noqa: E402
+
+from ewgs_jax import layers, ops, parallel, training  # noqa: E402
+from tests.training_configs import quickstart  # noqa: E402
+
+
+def make_case(backward: str | None, batch: dict, mesh, steps: int = 1000):
+  config = quickstart("fp" if backward is None else f"w2a2_{backward}")
+  config.model, config.dataset = "resnet20", "cifar10"
+  model = training.build_model(config, 10)
+  tx = training.make_optimizer(config, steps)
+  train_step, _ = training.make_steps(model, tx, config, mesh)
+  variables = jax.jit(lambda k, x: layers.init_variables(model, k, x))(jax.random.key(0), batch["image"])
+  state = training.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                              batch_stats=variables["batch_stats"], quant_state=variables.get("quant_state", {}),
+                              opt_state=tx.init(variables["params"]))
+  holder = {"state": state}
+
+  def run():
+    holder["state"], metrics = train_step(holder["state"], batch, jax.random.key(1))
+    return metrics["loss"]
+
+  return run
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--batch", type=int, default=256)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--conv", default="auto")
+  parser.add_argument("--cases", default="fp,ste,ewgs,pege")
+  args = parser.parse_args()
+  mesh = parallel.make_mesh()
+  rng = np.random.default_rng(0)
+  batch = parallel.shard_batch({"image": rng.normal(size=(args.batch, 32, 32, 3)).astype(np.float32),
+                                "label": rng.integers(0, 10, args.batch).astype(np.int32)}, mesh)
+  fns = {}
+  for impl in args.conv.split(","):
+    with ops.conv_impl(impl):
+      for case in args.cases.split(","):
+        fns[f"{case} / conv {ops.selected_impl()}"] = make_case(None if case == "fp" else case, batch, mesh)
+  medians = time_interleaved(fns, repeats=args.repeats)
+  print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}, batch {args.batch}")
+  print(f"{'case':<24} {'median s':>10} {'images/s':>10} {'vs fp (same conv)':>18}")
+  for name, seconds in medians.items():
+    fp = medians[f"fp / {name.split(' / ')[1]}"] if f"fp / {name.split(' / ')[1]}" in medians else float("nan")
+    print(f"{name:<24} {seconds:>10.3f} {args.batch / seconds:>10.0f} {seconds / fp:>18.3f}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,35 @@
+"""The small training configuration shared by the end-to-end tests."""
+
+import importlib.util
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def quickstart(variant):
+  spec = importlib.util.spec_from_file_location("quickstart", ROOT / "configs" / "quickstart.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def small_config(overrides=None, variant="w2a2_pege"):
+  """A few steps of W2A2 ResNet-8 on the bundled digits, logging every step."""
+  c = quickstart(variant)
+  c.batch_size = 64
+  c.eval_batch_size = 120
+  c.num_epochs = 1
+  c.num_train_steps = 6
+  c.log_every_steps = 1
+  c.progress_bar = False
+  c.data_workers = 1
+  c.delta.batch_size = 64
+  c.delta.num_batches = 1
+  c.delta.max_samples = 3
+  for key, value in (overrides or {}).items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
