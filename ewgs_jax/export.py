@@ -1,0 +1,75 @@
+"""Export of trained interval-quantized layers to integer codes, and an integer reference forward.
+
+For a layer quantized with the EWGS interval method (EWGS Eq. 1-3):
+
+* weights become codes ``k_w = round((2^b - 1) clip((w - l) / (u - l), 0, 1))`` in ``[0, 2^b - 1]``
+  with ``w_q = s_w k_w + o_w``, ``s_w = 2 / (2^b - 1)``, ``o_w = -1`` (Eq. 3's ``2(x_q - 0.5)``);
+* activations become codes ``k_a`` in ``[0, 2^b - 1]`` with ``a_q = s_a k_a``, ``s_a = 1 / (2^b - 1)``;
+* the layer output is ``|alpha| conv(a_q, w_q) = |alpha| s_a (s_w conv(k_a, k_w) + o_w conv(k_a, 1))``,
+  where both convolutions run on integers with int32 accumulation.
+
+:func:`export_model` returns a plain pytree of numpy arrays (saveable with ``np.savez`` or orbax).
+Layers using other forward methods (PACT, LSQ, DoReFa) are not exported yet.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import jax.numpy as jnp
+from jax import lax
+
+from ewgs_jax.layers import QuantConfig
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _codes(x, lower, upper, bits: int) -> np.ndarray:
+  n = 2 ** bits - 1
+  latent = np.clip((np.asarray(x, np.float64) - lower) / (upper - lower), 0.0, 1.0)
+  # float32 as in training (EWGS Eq. 2 rounds (2^b - 1) x_n computed in float32), half to even
+  codes = np.round(np.float32(latent) * np.float32(n))
+  return codes.astype(np.uint8 if bits <= 8 else np.uint16)
+
+
+def export_layer(params: dict, weight_bits: int, act_bits: int) -> dict:
+  """Integer weight codes, scales and offsets, and the activation quantizer of one layer."""
+  n_w, n_a = 2 ** weight_bits - 1, 2 ** act_bits - 1
+  return {
+      "weight_codes": _codes(params["kernel"], float(params["q_w_lower"]), float(params["q_w_upper"]), weight_bits),
+      "weight_scale": np.float32(2.0 / n_w), "weight_offset": np.float32(-1.0), "weight_bits": weight_bits,
+      "act_lower": np.float32(params["q_a_lower"]), "act_upper": np.float32(params["q_a_upper"]),
+      "act_scale": np.float32(1.0 / n_a), "act_bits": act_bits,
+      "alpha": np.float32(abs(float(params["q_alpha"]))),
+  }
+
+
+def export_model(quant: QuantConfig, params: dict) -> dict[str, dict]:
+  """Every interval-quantized conv/dense layer of ``params`` (paths as in ``quant.resolve``)."""
+  exported = {}
+
+  def visit(tree, path):
+    if "q_w_lower" in tree and "q_a_lower" in tree:
+      setting = quant.resolve(path)
+      if setting.weight.method == setting.act.method == "interval":
+        exported[path] = export_layer(tree, setting.weight.bits, setting.act.bits)
+      return
+    for name, child in tree.items():
+      if isinstance(child, dict):
+        visit(child, f"{path}/{name}" if path else name)
+
+  visit(params, "")
+  return exported
+
+
+def integer_conv(x, layer: dict, strides=(1, 1), padding="SAME", feature_group_count: int = 1):
+  """Reference forward of an exported conv layer with integer arithmetic (NHWC input, float)."""
+  a_codes = _codes(x, float(layer["act_lower"]), float(layer["act_upper"]), int(layer["act_bits"]))
+  a_codes = jnp.asarray(a_codes, jnp.int32)
+  w_codes = jnp.asarray(layer["weight_codes"], jnp.int32)
+  conv = lambda lhs, rhs: lax.conv_general_dilated(lhs, rhs, strides, padding, dimension_numbers=NHWC,
+                                                   feature_group_count=feature_group_count)
+  acc = conv(a_codes, w_codes)                                   # int32 accumulation
+  count = conv(a_codes, jnp.ones_like(w_codes))                  # sum of codes under each window
+  out = layer["act_scale"] * (layer["weight_scale"] * acc.astype(jnp.float32)
+                              + layer["weight_offset"] * count.astype(jnp.float32))
+  return layer["alpha"] * out
