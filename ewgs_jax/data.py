@@ -133,8 +133,8 @@ def _prepare(name: str, data_dir: str | None) -> bool:
     raise RuntimeError(
         f"tfds dataset {name!r} is not prepared in {builder.data_dir_root}.{manual} Prepare it once "
         f"with TensorFlow installed: `pip install tensorflow && tfds build {name} "
-        f"--file_format=array_record" + (f" --data_dir={data_dir}" if data_dir else "") + "`, "
-        f"or install tensorflow and re-run this command to have it prepared automatically.") from None
+        "--file_format=array_record" + (f" --data_dir={data_dir}" if data_dir else "") + "`, "
+        "or install tensorflow and re-run this command to have it prepared automatically.") from None
   builder.download_and_prepare(file_format="array_record")
   return True
 

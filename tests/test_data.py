@@ -123,3 +123,30 @@ def test_unprepared_dataset_says_what_to_do(tmp_path):
     data.make_train_iterator("imagenet2012", global_batch_size=32, seed=0, data_dir=str(tmp_path))
   with pytest.raises(ValueError, match="unknown dataset 'cifar11'"):
     data.get_dataset_info("cifar11")
+
+
+def test_imagenet_transforms_and_process_shards():
+  info = data.DatasetInfo("imagenet2012", 1000, (224, 224, 3), *data.MEAN_STD["imagenet2012"])
+  assert info.augmentation == "imagenet"
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (8, 300, 400, 3), dtype=np.uint8)
+  source = data.ArraySource(images, np.arange(8))
+  evals = data.transform(list(images[:2]), info, None)
+  assert evals.shape == (2, 224, 224, 3) and evals.dtype == np.float32
+  # eval: shorter side to 256 (300x400 -> 256x341), centre 224 crop, deterministic
+  np.testing.assert_array_equal(evals, data.transform(list(images[:2]), info, None))
+  whole = data.TrainIterator(source, info, global_batch_size=4, seed=0)
+  parts = [data.TrainIterator(source, info, global_batch_size=4, seed=0, process_index=i, process_count=2)
+           for i in range(2)]
+  g, shards = next(whole), [next(p) for p in parts]
+  assert g["image"].shape == (4, 224, 224, 3)
+  np.testing.assert_array_equal(np.concatenate([s["image"] for s in shards]), g["image"])
+  assert not np.array_equal(g["image"], data.TrainIterator(source, info, global_batch_size=4, seed=1).batch_at(0, 0)["image"])
+
+
+def test_mnist_through_mock_data_is_grayscale():
+  with tfds.testing.mock_data(num_examples=40):
+    info = data.get_dataset_info("mnist")
+    assert info.image_shape == (28, 28, 1) and len(info.mean) == 1
+    batch = next(data.make_train_iterator("mnist", global_batch_size=16, seed=0))
+    assert batch["image"].shape == (16, 28, 28, 1) and batch["label"].dtype == np.int32
