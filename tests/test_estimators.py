@@ -115,3 +115,94 @@ def test_get_estimator_lists_choices():
   assert estimators.get_estimator("pege") is pege
   with pytest.raises(ValueError, match=r"valid choices: \['ewgs', 'pege', 'ste'\]"):
     estimators.get_estimator("ewg")
+
+
+def test_ste_forward_is_bitwise_round_to_grid():
+  # x + stop_gradient(q - x) must not perturb q by a float32 ulp: the forward is the grid value itself.
+  for bits in (1, 2, 5, 8):
+    x = latent_inputs(bits, n=2000)
+    np.testing.assert_array_equal(ste(x, bits), estimators.round_to_grid(x, bits))
+    np.testing.assert_array_equal(ewgs(x, bits, 0.5), estimators.round_to_grid(x, bits))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_bfloat16_rounding_is_exact_over_every_bf16_value(bits):
+  """Every bfloat16 in [0, 1] rounds like float32 round-half-even, then cast (the documented rule)."""
+  import ml_dtypes
+  raw = np.arange(0, 0x3F81, dtype=np.uint16)  # bf16 bit patterns 0 .. 1.0
+  x = raw.view(ml_dtypes.bfloat16)
+  n = np.float32(2 ** bits - 1)
+  expected = (np.round(x.astype(np.float32) * n) / n).astype(ml_dtypes.bfloat16)
+  for f in (ste, functools.partial(ewgs, delta=0.5), functools.partial(pege, mu=0.5)):
+    y = f(jnp.asarray(x), bits)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(y).view(np.uint16), expected.view(np.uint16))
+
+
+def test_bfloat16_backward_uses_float32_error():
+  import ml_dtypes
+  x = jnp.asarray([0.3, 0.45, 0.9], jnp.bfloat16)
+  g = jnp.asarray([1.0, -2.0, 0.5], jnp.bfloat16)
+  x32 = np.asarray(x, np.float32)
+  error = x32 - np.round(x32 * 3) / 3
+  expected = (np.asarray(g, np.float32) * (1 + 0.8 * np.sign(np.asarray(g, np.float32)) * error))
+  out = vjp(lambda v: ewgs(v, 2, 0.8), x, g)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(out), expected.astype(ml_dtypes.bfloat16))
+  out = vjp(lambda v: pege(v, 2, 3.0), x, g)
+  np.testing.assert_array_equal(np.asarray(out), (np.asarray(g, np.float32) + 3.0 * error).astype(ml_dtypes.bfloat16))
+
+
+def test_per_channel_mu_broadcasts():
+  x = jax.random.uniform(jax.random.key(7), (6, 4))
+  mu = jnp.asarray([0.0, 0.5, 1.0, 4.0])
+  g = jax.random.normal(jax.random.key(8), (6, 4))
+  error = np.asarray(x) - np.asarray(ste(x, 3))
+  np.testing.assert_allclose(vjp(lambda v: pege(v, 3, mu), x, g), np.asarray(g) + np.asarray(mu) * error,
+                             rtol=1e-6, atol=1e-7)
+  d_mu = jax.grad(lambda m: jnp.sum(pege(x, 3, m) ** 2))(mu)
+  np.testing.assert_array_equal(d_mu, np.zeros(4))
+  d_delta = jax.grad(lambda d: jnp.sum(ewgs(x, 3, d) ** 2))(jnp.float32(0.4))
+  assert float(d_delta) == 0.0
+
+
+def test_grad_under_jit_with_traced_factors_matches_formula():
+  x = latent_inputs(3)
+  g = jnp.asarray(np.random.default_rng(3).normal(size=x.shape).astype(np.float32))
+  error = np.asarray(x) - np.asarray(ste(x, 3))
+
+  @jax.jit
+  def grads(d, m):
+    return (jax.grad(lambda v: jnp.vdot(g, ewgs(v, 3, d)))(x), jax.grad(lambda v: jnp.vdot(g, pege(v, 3, m)))(x))
+
+  for d, m in [(0.0, 0.0), (0.5, 2.0), (3.0, 0.1)]:   # one compilation, changing factors
+    ge, gp = grads(jnp.float32(d), jnp.float32(m))
+    np.testing.assert_allclose(ge, np.asarray(g) * (1 + d * np.sign(g) * error), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(gp, np.asarray(g) + m * error, rtol=1e-6, atol=1e-7)
+  assert grads._cache_size() == 1
+
+
+try:
+  from hypothesis import given, settings, strategies as st
+  from hypothesis.extra.numpy import arrays
+except ImportError:  # pragma: no cover - hypothesis is in the test extra
+  given = None
+
+if given is not None:
+  _UNIT = st.floats(0.0, 1.0, width=32)
+  _COT = st.floats(-4.0, 4.0, width=32)
+
+  @settings(max_examples=30, deadline=None)
+  @given(bits=st.integers(1, 8), x=arrays(np.float32, 8, elements=_UNIT), g=arrays(np.float32, 8, elements=_COT),
+         delta=st.floats(0.0, 5.0, width=32), mu=st.floats(0.0, 5.0, width=32))
+  def test_property_vjps_equal_formulas(bits, x, g, delta, mu):
+    n = np.float32(2 ** bits - 1)
+    q = np.round(x * n) / n
+    error = x - q
+    np.testing.assert_array_equal(vjp(lambda v: ste(v, bits), jnp.asarray(x), jnp.asarray(g)), g)
+    np.testing.assert_allclose(vjp(lambda v: ewgs(v, bits, delta), jnp.asarray(x), jnp.asarray(g)),
+                               g * (1 + np.float32(delta) * np.sign(g) * error), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(vjp(lambda v: pege(v, bits, mu), jnp.asarray(x), jnp.asarray(g)),
+                               g + np.float32(mu) * error, rtol=1e-6, atol=1e-6)
+    # XLA:CPU turns the division by 2^b - 1 into a reciprocal multiply under jit: allow 1 ulp.
+    np.testing.assert_allclose(ste(jnp.asarray(x), bits), q, rtol=2.5e-7, atol=0)

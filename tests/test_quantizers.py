@@ -146,3 +146,26 @@ def test_hook_sees_latent_and_discrete_values():
   np.testing.assert_allclose(seen["x_c"], x)
   np.testing.assert_allclose(seen["x_q"], [0, 0, 1])
   np.testing.assert_allclose(out, x)
+
+
+def test_clip_passes_gradient_one_at_exact_bounds_unlike_jnp_clip():
+  x = jnp.asarray([0.0, 1.0, 0.5, -0.5, 1.5])
+  g = jax.grad(lambda v: jnp.sum(ej.clip(v, 0.0, 1.0)))(x)
+  np.testing.assert_array_equal(g, [1, 1, 1, 0, 0])
+  assert float(jax.grad(lambda v: jnp.clip(v, 0.0, 1.0))(1.0)) == 0.5  # the trap the where-clip avoids
+  # interval with u - l = 1: d out / d x is exactly 1 at both bounds (activation map)
+  gi = jax.grad(lambda v: jnp.sum(ej.interval(v, 2.0, 3.0, bits=2, weight=False)))(jnp.asarray([2.0, 3.0, 3.5]))
+  np.testing.assert_array_equal(gi, [1, 1, 0])
+  # bounds get gradient through elements sitting exactly on them (clip gradient 1 there)
+  gl, gu = jax.grad(lambda l, u: jnp.sum(ej.interval(jnp.asarray([2.0, 3.0]), l, u, bits=2, weight=False)),
+                    argnums=(0, 1))(2.0, 3.0)
+  # x = l: d x_n/dl = (x - u)/(u - l)^2 = -1, d x_n/du = 0; x = u: d/dl = 0, d/du = -(x - l)/(u - l)^2 = -1.
+  # A jnp.clip would halve both (and a strict clip would give 0).
+  np.testing.assert_allclose([gl, gu], [-1.0, -1.0])
+
+
+@pytest.mark.parametrize("signed,bits", [(True, 1), (False, 1), (True, 8)])
+def test_lsq_extreme_bits_finite(signed, bits):
+  x = jax.random.normal(jax.random.key(9), (32,))
+  g = jax.grad(lambda s: jnp.sum(ej.lsq(x, s, bits=bits, signed=signed)))(jnp.float32(0.3))
+  assert np.isfinite(float(g))

@@ -71,3 +71,39 @@ def test_invalid_arguments_name_the_argument(factory, kwargs, name):
 def test_unknown_schedule_lists_choices():
   with pytest.raises(ValueError, match=r"valid choices: \['constant', 'exponential', 'linear', 'logarithmic'\]"):
     schedules.mu_schedule("step", mu_max=1.0)
+
+
+@pytest.mark.parametrize("factory,kwargs,name", [
+    (schedules.exponential_mu, dict(mu_max=1.0, k=0.0), "k"),
+    (schedules.logarithmic_mu, dict(mu_max=1.0, base=10.0, k=-0.1), "k"),
+    (schedules.logarithmic_mu, dict(mu_max=-0.1, base=10.0, k=0.1), "mu_max"),
+    (schedules.constant_mu, dict(mu_max=-1e-3), "mu_max"),
+    (schedules.linear_mu, dict(mu_max=1.0, transition_steps=-5), "transition_steps"),
+    (schedules.logarithmic_rate, dict(base=0.5, k=0.1, b=0.7), "base"),
+    (schedules.logarithmic_rate, dict(base=10.0, k=0.1, b=11.0), "b"),
+    (schedules.exponential_rate, dict(initial_rate=0.0, k=0.1), "initial_rate"),
+    (schedules.cosine_rate, dict(initial_rate=-0.2, transition_steps=10), "initial_rate"),
+    (schedules.linear_rate, dict(initial_rate=0.5, transition_steps=0), "transition_steps"),
+    (schedules.constant_rate, dict(rate=float("nan")), "rate"),
+])
+def test_more_invalid_arguments_name_the_argument(factory, kwargs, name):
+  with pytest.raises(ValueError, match=rf"^{name} must be"):
+    factory(**kwargs)
+
+
+def test_unknown_rate_schedule_lists_choices():
+  with pytest.raises(ValueError, match=r"valid choices: \['constant', 'cosine', 'exponential', 'linear', 'logarithmic'\]"):
+    schedules.rate_schedule("step", rate=1.0)
+
+
+def test_traced_step_arrays_under_jit_and_vmap():
+  steps = jax.numpy.arange(0, 3000, 7)
+  rate = schedules.logarithmic_rate(base=10.0, k=0.01, b=2.0)
+  mu = schedules.exponential_mu(mu_max=2.0, k=0.002)
+  r = np.asarray(jax.jit(jax.vmap(rate))(steps))
+  m = np.asarray(jax.jit(mu)(steps))
+  t = np.arange(0, 3000, 7)
+  np.testing.assert_allclose(r, np.minimum(np.log(0.01 * t + 2) / np.log(10), 1), rtol=1e-5)
+  np.testing.assert_allclose(m, 2.0 * (1 - np.exp(-0.002 * t)), rtol=1e-5, atol=1e-7)
+  assert np.all((r > 0) & (r <= 1)) and np.all(np.diff(r) >= 0)
+  assert np.all((m >= 0) & (m <= 2.0)) and np.all(np.diff(m) >= 0)
