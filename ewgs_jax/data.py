@@ -39,10 +39,12 @@ MEAN_STD = {
     "imagenet2012": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 IMAGENET_SIZE, IMAGENET_RESIZE = 224, 256
+NO_FLIP = ("mnist", "emnist", "kmnist", "svhn_cropped")   # a mirror changes what these show
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
+  """What the model and the loop need to know about a dataset (from tfds metadata or built in)."""
   name: str
   num_classes: int
   image_shape: tuple[int, int, int]   # training image shape after transforms
@@ -51,9 +53,14 @@ class DatasetInfo:
 
   @property
   def augmentation(self) -> str:
+    """``imagenet`` (random resized crop + flip), ``crop_flip`` (CIFAR: 4-pixel pad crop + flip),
+    ``crop`` (the same without the flip, for handwritten digits, which a mirror does not preserve),
+    or ``shift`` (1-pixel pad crop, for the tiny 8x8 bundled digits)."""
     if self.name == "imagenet2012" or self.image_shape[0] >= 64:
       return "imagenet"
-    return "shift" if self.name in BUNDLED or self.image_shape[0] < 28 else "crop_flip"
+    if self.name in BUNDLED or self.image_shape[0] < 28:
+      return "shift"
+    return "crop" if self.name in NO_FLIP else "crop_flip"
 
 
 # --- sources ------------------------------------------------------------------------------------
@@ -251,6 +258,7 @@ class TrainIterator:
     self.rows = _process_rows(global_batch_size, process_index, process_count)
     self.steps_per_epoch = len(source) // global_batch_size
     self.epoch, self.step = 0, 0
+    self._order_cache: tuple[int, np.ndarray] | None = None
     self._pool = concurrent.futures.ThreadPoolExecutor(max(workers, 1))
     self._prefetch = max(prefetch, 0)
     self._queue: list[tuple[tuple[int, int], concurrent.futures.Future]] = []
@@ -274,9 +282,13 @@ class TrainIterator:
       batch = transform(images, self.info, None)
     return {"image": batch, "label": labels}
 
-  @functools.lru_cache(maxsize=2)
   def _order(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
+    """The epoch's seeded permutation, cached per iterator (prefetch threads share it)."""
+    cached = self._order_cache
+    if cached is None or cached[0] != epoch:
+      cached = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.source)))
+      self._order_cache = cached
+    return cached[1]
 
   def _position(self, ahead: int) -> tuple[int, int]:
     flat = self.epoch * self.steps_per_epoch + self.step + ahead

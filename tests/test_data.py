@@ -147,6 +147,6 @@ def test_imagenet_transforms_and_process_shards():
 def test_mnist_through_mock_data_is_grayscale():
   with tfds.testing.mock_data(num_examples=40):
     info = data.get_dataset_info("mnist")
-    assert info.image_shape == (28, 28, 1) and len(info.mean) == 1
+    assert info.image_shape == (28, 28, 1) and len(info.mean) == 1 and info.augmentation == "crop"
     batch = next(data.make_train_iterator("mnist", global_batch_size=16, seed=0))
     assert batch["image"].shape == (16, 28, 28, 1) and batch["label"].dtype == np.int32
