@@ -58,7 +58,8 @@ def test_summary_plots_and_table(tmp_path):
   summary = {"final_test_accuracy": 0.9, "best_test_accuracy": 0.95, "epochs": 3, "train_images_per_s": 1234.5,
              "config": {"quant": {"enabled": True, "weight_bits": 2, "act_bits": 2, "backward": "ewgs"}}}
   reporting.write_summary(str(tmp_path), summary)
-  assert json.loads((tmp_path / "summary.json").read_text())["best_test_accuracy"] == 0.95
+  assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(summary))
+  assert not (tmp_path / "summary.json.tmp").exists()    # written to a temporary file, then renamed
   table = reporting.results_table([str(tmp_path)])
   assert f"| {tmp_path.name} | ewgs | W2A2 | 90.00 % | 95.00 % | 3 | 1,234 |" in table
 
@@ -71,3 +72,18 @@ def test_progress_bar_lines():
   text = stream.getvalue().splitlines()
   assert text[0].startswith("step 10/100 (10%) | loss 1.0000")
   assert "accuracy 0.7500" in text[1] and "img/s" in text[1] and "ETA" in text[1]
+  quiet = io.StringIO()
+  reporting.ProgressBar(100, batch_size=32, enabled=False, stream=quiet).update(10, loss=1.0)
+  assert quiet.getvalue() == ""
+
+
+def test_progress_bar_rewrites_one_line_on_a_tty():
+  class Tty(io.StringIO):
+    def isatty(self):
+      return True
+  stream = Tty()
+  bar = reporting.ProgressBar(10, batch_size=8, stream=stream)
+  bar.update(1, loss=2.0)
+  bar.update(2, loss=1.0)
+  bar.close()
+  assert stream.getvalue().count("\n") == 1 and stream.getvalue().count("\r") == 2
