@@ -12,7 +12,6 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import time_interleaved  # noqa: E402

@@ -37,7 +37,11 @@ def get_config(variant: str | None = None):
   match = re.fullmatch(r"w(\d+)a(\d+)_(ste|ewgs|pege)", variant.removesuffix("_pact"))
   if match is None:
     raise ValueError(f"unknown variant {variant!r}; valid: fp, w<bits>a<bits>_<ste|ewgs|pege>[_pact]")
-  c.quant.weight_bits, c.quant.act_bits = int(match[1]), int(match[2])
+  for side, bits in (("weight", int(match[1])), ("act", int(match[2]))):
+    if bits == 32:   # e.g. W1A32: that side stays full precision
+      c.quant[f"{side}_method"] = "none"
+    else:
+      c.quant[f"{side}_bits"] = bits
   c.quant.backward = match[3]
   if pact:
     c.quant.weight_method = c.quant.act_method = "pact"

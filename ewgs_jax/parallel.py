@@ -39,6 +39,11 @@ def maybe_initialize_distributed(config: Any = None) -> None:
   # CPU processes need a collectives backend to talk to each other (no effect on GPU/TPU).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**kwargs)
+  # Set up the cross-process collectives now, while the processes are in step: the first
+  # collective creates the CPU (gloo) context with a 30 s rendezvous, which uneven compile
+  # times later in the run could exceed.
+  from jax.experimental import multihost_utils
+  multihost_utils.sync_global_devices("ewgs_jax: distributed initialised")
   log.info("distributed: process %d of %d, %d global devices", jax.process_index(), jax.process_count(),
            jax.device_count())
 

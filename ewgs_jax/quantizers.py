@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 

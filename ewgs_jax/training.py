@@ -241,7 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = reporting.MetricsWriter(workdir)
   progress = reporting.ProgressBar(total_steps, config.batch_size, enabled=config.progress_bar)
   pending: list[tuple[int, dict]] = []   # step metrics not yet fetched from the device
-  step = start_step = int(state.step)
+  step = int(state.step)
   excluded_time = 0.0                    # evaluation, delta refresh and checkpoint time
   wall_start = time.time()
   loop_start = None
@@ -272,6 +272,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2]}
 
   def save(state, step, test_accuracy=None):
+    if keeper.latest_step() == step:     # already saved at this step (e.g. preempted at an epoch end)
+      return
     flush_metrics()
     keeper.save(step, state, extra={"data": train_iter.get_state(), "history": history},
                 metrics=None if test_accuracy is None else {"test_accuracy": test_accuracy})

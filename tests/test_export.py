@@ -1,7 +1,6 @@
 """Export: integer codes in range and an integer-arithmetic forward equal to the fake-quantized layer."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

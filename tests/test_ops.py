@@ -1,12 +1,10 @@
 """The custom-VJP convolution equals lax.conv_general_dilated in value, gradients and second order."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
 
 from ewgs_jax import ops
 

@@ -26,6 +26,7 @@ def small_config(overrides=None, variant="w2a2_pege"):
   c.delta.batch_size = 64
   c.delta.num_batches = 1
   c.delta.max_samples = 3
+  c.model_kwargs.stage_widths = (8,)   # one narrow stage: a fast compile
   for key, value in (overrides or {}).items():
     node = c
     *parents, leaf = key.split(".")

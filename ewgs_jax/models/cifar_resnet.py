@@ -5,7 +5,8 @@ shortcut (parameter-free: stride-2 subsampling and zero channel padding, ``plane
 side); a full-precision 3x3 stem with BN and ReLU; stages of 16/32/64 channels with strides 1/2/2;
 global average pooling, then an extra BatchNorm before the full-precision classifier (inherited
 from IR-Net). Depth ``6n + 2``: ResNet-20 has n = 3 (0.27 M parameters); ``resnet8`` (n = 1) is
-a small member of the family for tests and the offline quickstart.
+a small member of the family for tests and the offline quickstart. ``stage_widths`` changes the
+number and width of the stages (tests use a single narrow stage).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class CifarResNet(nn.Module):
   """ResNet-(6n+2) for 32x32 inputs (works on any spatial size >= 4, e.g. 8x8 digits)."""
   blocks_per_stage: int = 3
   num_classes: int = 10
+  stage_widths: tuple = (16, 32, 64)
   quant: QuantConfig | None = None
   dtype: Any = jnp.float32
 
@@ -54,9 +56,10 @@ class CifarResNet(nn.Module):
   def __call__(self, x, train: bool = False, ctx: QuantContext | None = None):
     edge_quant = self.quant if self.quant is not None and self.quant.quantize_first_last else None
     x = x.astype(self.dtype)
-    x = QuantConv(16, (3, 3), padding=[(1, 1), (1, 1)], quant=edge_quant, dtype=self.dtype, name="conv1")(x, ctx)
+    x = QuantConv(self.stage_widths[0], (3, 3), padding=[(1, 1), (1, 1)], quant=edge_quant, dtype=self.dtype,
+                  name="conv1")(x, ctx)
     x = nn.relu(batch_norm(train, "bn1", self.dtype)(x))
-    for stage, planes in enumerate((16, 32, 64)):
+    for stage, planes in enumerate(self.stage_widths):
       for block in range(self.blocks_per_stage):
         stride = 2 if stage > 0 and block == 0 else 1
         x = BasicBlock(planes, stride, self.quant, self.dtype, name=f"stage{stage + 1}_block{block}")(x, train, ctx)

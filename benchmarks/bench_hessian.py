@@ -1,0 +1,134 @@
+"""Cost and spread of one EWGS delta refresh for W2A2 ResNet-20, joint vs blockwise Hutchinson
+(EWGS Eq. 8-10), in units of one training step, measured in one run.
+
+    python benchmarks/bench_hessian.py [--batch 256] [--batches 3] [--joint-samples 3]
+        [--block-samples 1] [--repeats 3] [--spread-samples 32] [--spread-block-samples 2]
+
+1. Train step: ``training.make_steps``' jitted step (value_and_grad + optimizer update).
+2. Refresh cost: ``DeltaRefreshPolicy.refresh`` over ``--batches`` batches, no early stop, with
+   ``--joint-samples`` HVPs per batch (joint) or ``--block-samples`` HVPs per block per batch
+   (blockwise: ``blocks x samples`` HVPs per batch). Joint is repeated with different keys.
+3. Spread at equal time: on one batch, single-sample Hutchinson values ``v_i^T (H v)_i / N_i``
+   per block, for joint probes and for block-only probes. A blockwise sample costs one HVP for
+   one block, a joint sample one HVP for all blocks, so at equal time the joint mean has
+   ``blocks`` times as many samples: its standard error is ``sd_joint / sqrt(blocks * k)`` against
+   ``sd_block / sqrt(k)``. Both are unbiased for the same block trace.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import time_interleaved  # noqa: E402
+
+from ewgs_jax import hessian, layers, parallel, training  # noqa: E402
+from tests.training_configs import quickstart  # noqa: E402
+
+
+def per_sample_values(model, variables, batch, key, samples: int, blockwise: bool):
+  """``[samples, blocks]`` single-sample Hutchinson values ``v_i^T (H v)_i / N_i``."""
+  loss, zeros = hessian.probe_loss(model, variables, batch)
+  leaves, treedef = jax.tree.flatten(zeros)
+  grad_fn, n = jax.grad(loss), len(leaves)
+
+  def sample(key, mask):
+    vs = [jax.random.rademacher(k, z.shape, jnp.float32) * m
+          for k, z, m in zip(jax.random.split(key, n), leaves, mask)]
+    _, hv = jax.jvp(grad_fn, (zeros,), (jax.tree.unflatten(treedef, vs),))
+    return jnp.stack([jnp.vdot(v, h) / v.size for v, h in zip(vs, jax.tree.leaves(hv))])
+
+  keys = jax.random.split(key, samples)
+  if not blockwise:
+    return jax.lax.map(lambda k: sample(k, jnp.ones((n,))), keys)
+  def one_block(i):
+    mask = jax.nn.one_hot(i, n)
+    return jax.lax.map(lambda k: sample(jax.random.fold_in(k, i), mask)[i], keys)
+  return jax.lax.map(one_block, jnp.arange(n)).T
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--batch", type=int, default=256)
+  parser.add_argument("--batches", type=int, default=3)
+  parser.add_argument("--joint-samples", type=int, default=3)
+  parser.add_argument("--block-samples", type=int, default=1)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--spread-samples", type=int, default=32)
+  parser.add_argument("--spread-block-samples", type=int, default=2)
+  args = parser.parse_args()
+  mesh = parallel.make_mesh()
+  config = quickstart("w2a2_ewgs")
+  config.model, config.dataset = "resnet20", "cifar10"
+  model = training.build_model(config, 10)
+  rng = np.random.default_rng(0)
+  batches = [parallel.shard_batch({"image": rng.normal(size=(args.batch, 32, 32, 3)).astype(np.float32),
+                                   "label": rng.integers(0, 10, args.batch).astype(np.int32)}, mesh)
+             for _ in range(args.batches)]
+  variables = jax.jit(lambda k, x: layers.init_variables(model, k, x))(jax.random.key(0), batches[0]["image"])
+  tx = training.make_optimizer(config, 1000)
+  train_step, _ = training.make_steps(model, tx, config, mesh)
+  state = {"s": training.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                                    batch_stats=variables["batch_stats"], quant_state=variables["quant_state"],
+                                    opt_state=tx.init(variables["params"]))}
+
+  def step():
+    state["s"], metrics = train_step(state["s"], batches[0], jax.random.key(1))
+    return metrics["loss"]
+
+  step_time = time_interleaved({"step": step}, repeats=3)["step"]
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}; batch {args.batch}; "
+        f"train step {step_time:.3f} s", flush=True)
+
+  policy = hessian.DeltaRefreshPolicy(mode="hessian")
+  refresh = {}
+  for mode, samples, repeats in (("joint", args.joint_samples, args.repeats),
+                                 ("blockwise", args.block_samples, 1)):
+    estimator = hessian.make_trace_estimator(model, mode=mode, max_samples=samples, tolerance=0.0)
+    jax.block_until_ready(estimator(variables, batches[0], jax.random.key(99)))   # compile
+    times, deltas = [], []
+    for r in range(repeats):
+      start = time.perf_counter()
+      _, report = policy.refresh(estimator, variables, batches, jax.random.key(r))
+      times.append(time.perf_counter() - start)
+      deltas.append(report)
+    names = sorted(deltas[0])
+    refresh[mode] = (np.median(times), np.asarray([[d[n] for n in names] for d in deltas]), names)
+    print(f"{mode:>9} refresh ({args.batches} batches, {samples} samples{' per block' if mode == 'blockwise' else ''}):"
+          f" {np.median(times):8.2f} s = {np.median(times) / step_time:6.1f} training steps", flush=True)
+
+  joint_deltas, block_deltas, names = refresh["joint"][1], refresh["blockwise"][1][0], refresh["joint"][2]
+  rel = np.abs(joint_deltas.mean(0) - block_deltas) / np.maximum(np.abs(block_deltas), 1e-12)
+  print(f"delta, joint (mean of {args.repeats} refreshes) vs blockwise: median relative difference {np.median(rel):.1%}, "
+        f"max {rel.max():.1%}; joint refresh-to-refresh spread (std/mean, median over quantizers) "
+        f"{np.median(joint_deltas.std(0) / np.maximum(np.abs(joint_deltas.mean(0)), 1e-12)):.1%}")
+
+  fn = jax.jit(per_sample_values, static_argnums=(0, 4, 5))
+  joint = np.asarray(fn(model, variables, batches[0], jax.random.key(7), args.spread_samples, False))
+  block = np.asarray(fn(model, variables, batches[0], jax.random.key(8), args.spread_block_samples, True))
+  n = joint.shape[1]
+  sd_joint, sd_block = joint.std(0, ddof=1), block.std(0, ddof=1)
+  ratio = sd_joint / np.sqrt(n) / np.maximum(sd_block, 1e-30)
+  mean = np.abs(joint.mean(0))
+  print(f"per-sample spread on one batch ({args.spread_samples} joint, {args.spread_block_samples} blockwise samples, "
+        f"{n} blocks): sd_joint/sd_block median {np.median(sd_joint / np.maximum(sd_block, 1e-30)):.2f}; "
+        f"standard error at equal time joint/blockwise median {np.median(ratio):.2f} (min {ratio.min():.2f}, "
+        f"max {ratio.max():.2f})")
+  k = args.batches * args.joint_samples
+  print(f"relative standard error of the joint trace with {k} samples (the timed joint refresh): median "
+        f"{np.median(sd_joint / np.sqrt(k) / np.maximum(mean, 1e-30)):.1%}, max "
+        f"{np.max(sd_joint / np.sqrt(k) / np.maximum(mean, 1e-30)):.1%}")
+  print(f"{'quantizer':<34} {'delta joint':>11} {'+-':>8} {'blockwise':>10} {'trace/N':>10} {'sd joint':>9} {'sd block':>9}")
+  for i, name in enumerate(names):
+    print(f"{name:<34} {joint_deltas.mean(0)[i]:>11.4g} {joint_deltas.std(0)[i]:>8.2g} {block_deltas[i]:>10.4g} "
+          f"{joint.mean(0)[i]:>10.3g} {sd_joint[i]:>9.2g} {sd_block[i]:>9.2g}")
+
+
+if __name__ == "__main__":
+  main()
