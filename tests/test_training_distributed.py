@@ -21,7 +21,7 @@ def run_in_subprocess(workdir, overrides, env_extra=None, timeout=300):
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def finish(process, timeout=300):
+def finish(process, timeout=600):
   try:
     out, err = process.communicate(timeout=timeout)
   except subprocess.TimeoutExpired:
@@ -63,7 +63,7 @@ def test_two_processes_match_one_process(tmp_path, single_device_losses):
   procs = [run_in_subprocess(tmp_path / "two", {
       **SHARDED_RUN, "distributed.enabled": True, "distributed.coordinator_address": f"localhost:{port}",
       "distributed.num_processes": 2, "distributed.process_id": i}) for i in range(2)]
-  results = [p.communicate(timeout=300) for p in procs]
+  results = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, results):
     assert p.returncode == 0, err[-3000:]
   losses = json.loads(results[0][0].strip().splitlines()[-1])["losses"]
