@@ -56,12 +56,16 @@ def test_vjps_equal_their_formulas(bits, sign):
                              rtol=1e-6, atol=1e-7)
 
 
-def test_zero_factor_is_exactly_ste():
-  x = latent_inputs(3)
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_zero_factor_is_exactly_ste(bits):
+  x = latent_inputs(bits)
   g = jnp.asarray(np.random.default_rng(0).normal(size=x.shape).astype(np.float32))
-  reference = vjp(lambda v: ste(v, 3), x, g)
-  np.testing.assert_array_equal(vjp(lambda v: ewgs(v, 3, 0.0), x, g), reference)
-  np.testing.assert_array_equal(vjp(lambda v: pege(v, 3, 0.0), x, g), reference)
+  reference = vjp(lambda v: ste(v, bits), x, g)
+  np.testing.assert_array_equal(reference, g)
+  np.testing.assert_array_equal(vjp(lambda v: ewgs(v, bits, 0.0), x, g), reference)
+  np.testing.assert_array_equal(vjp(lambda v: pege(v, bits, 0.0), x, g), reference)
+  np.testing.assert_array_equal(ewgs(x, bits, 0.0), ste(x, bits))
+  np.testing.assert_array_equal(pege(x, bits, 0.0), ste(x, bits))
 
 
 def test_rule_scales_down_when_latent_is_ahead():
