@@ -1,6 +1,11 @@
 """The custom-VJP convolution equals lax.conv_general_dilated in value, gradients and second order."""
 
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,9 +59,10 @@ def test_forward_and_gradients_equal_lax(shape, k, stride, padding, groups, cout
   np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-4)
 
 
-def test_bfloat16():
-  x, w = inputs((2, 9, 9, 4), 3, 1, 6, jnp.bfloat16)
-  loss = lambda impl: lambda x, w: jnp.sum(conv_fn(impl, 1, "SAME", 1)(x, w).astype(jnp.float32) ** 2)
+@pytest.mark.parametrize("groups,cout", [(1, 6), (4, 4)])  # dense and depthwise (multiply-reduce path)
+def test_bfloat16(groups, cout):
+  x, w = inputs((2, 9, 9, 4), 3, groups, cout, jnp.bfloat16)
+  loss = lambda impl: lambda x, w: jnp.sum(conv_fn(impl, 1, "SAME", groups)(x, w).astype(jnp.float32) ** 2)
   (dx_f, dw_f), (dx_r, dw_r) = jax.jit(lambda x, w: (jax.grad(loss("fast"), (0, 1))(x, w),
                                                      jax.grad(loss("xla"), (0, 1))(x, w)))(x, w)
   assert dw_f.dtype == jnp.bfloat16 and dx_f.dtype == jnp.bfloat16
@@ -113,3 +119,39 @@ def test_switch_selects_what_it_says():
   assert "custom_vjp_call" not in str(jaxpr)
   with pytest.raises(ValueError, match=r"valid choices: \['auto', 'xla', 'fast'\]"):
     ops.set_conv_impl("cudnn")
+
+
+SHARDED_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from ewgs_jax import ops
+    assert jax.device_count() == 4, jax.devices()
+    x = jax.random.normal(jax.random.key(0), (8, 6, 6, 4))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 4, 5)) * 0.2
+    def loss(impl):
+      def f(x, w):
+        with ops.conv_impl(impl):
+          y = ops.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=ops.NHWC)
+        return jnp.sum(jnp.tanh(y) ** 2)
+      return f
+    dx_ref, dw_ref = jax.grad(loss("xla"), (0, 1))(x, w)
+    for axis_type in (jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto):
+      mesh = jax.make_mesh((4,), ("data",), axis_types=(axis_type,))
+      xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+      ws = jax.device_put(w, NamedSharding(mesh, P()))
+      dx, dw = jax.jit(jax.grad(loss("fast"), (0, 1)))(xs, ws)
+      assert dx.sharding.spec[0] == "data" and dw.sharding.is_fully_replicated, (dx.sharding, dw.sharding)
+      np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-5)
+      np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-6)
+    print("SHARDED_OK")
+""")
+
+
+
+def test_sharded_over_four_cpu_devices_matches_single_device_xla():
+  """Batch-sharded jit over 4 fake CPU devices: gradients equal the unsharded XLA convolution's."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0 and "SHARDED_OK" in result.stdout, result.stderr[-3000:]
