@@ -29,6 +29,7 @@ from ewgs_jax import checkpoints, config as config_lib, data, hessian, layers, m
 from ewgs_jax import schedules
 
 log = logging.getLogger(__name__)
+RUNTIME_KEYS = ("distributed", "progress_bar", "data_workers")   # not part of what defines a run
 
 
 # --- state and optimisers ----------------------------------------------------------------------
@@ -176,7 +177,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   parallel.check_batch_divisible(config.eval_batch_size, mesh, "eval batch size")
   if config.quant.enabled and config.quant.backward == "ewgs" and config.delta.mode == "hessian":
     parallel.check_batch_divisible(config.delta.batch_size, mesh, "delta batch size")
-  checkpoints.save_or_check_config(workdir, config.to_dict())
+  # Per-process and cosmetic settings may differ between processes and between a run and its resume.
+  checkpoints.save_or_check_config(workdir, {k: v for k, v in config.to_dict().items() if k not in RUNTIME_KEYS})
   checkpoints.install_preemption_handler()
   info = data.get_dataset_info(config.dataset, data_dir=config.data_dir)
 

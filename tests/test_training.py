@@ -159,3 +159,10 @@ def test_unknown_key_on_the_command_line():
       [sys.executable, "train.py", "--config", "configs/quickstart.py:fp", "--workdir", "/tmp/unused",
        "--config.quant.bitz=3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert result.returncode != 0 and "bitz" in result.stderr
+
+
+def test_runtime_settings_do_not_count_as_a_different_config(pege_run):
+  config, workdir, summary = pege_run
+  config = small_config({"num_train_steps": 8, "progress_bar": True, "data_workers": 2,
+                         "distributed.process_id": 1})
+  assert training.train_and_evaluate(config, workdir)["train_steps"] == summary["train_steps"]
