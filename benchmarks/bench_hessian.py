@@ -59,6 +59,7 @@ def main():
   parser.add_argument("--batches", type=int, default=3)
   parser.add_argument("--joint-samples", type=int, default=3)
   parser.add_argument("--block-samples", type=int, default=1)
+  parser.add_argument("--block-batches", type=int, default=3, help="batches in the timed blockwise refresh")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--spread-samples", type=int, default=32)
   parser.add_argument("--spread-block-samples", type=int, default=2)
@@ -74,9 +75,10 @@ def main():
   variables = jax.jit(lambda k, x: layers.init_variables(model, k, x))(jax.random.key(0), batches[0]["image"])
   tx = training.make_optimizer(config, 1000)
   train_step, _ = training.make_steps(model, tx, config, mesh)
-  state = {"s": training.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                                    batch_stats=variables["batch_stats"], quant_state=variables["quant_state"],
-                                    opt_state=tx.init(variables["params"]))}
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)       # the train step donates its state
+  state = {"s": training.TrainState(step=jnp.zeros((), jnp.int32), params=copy(variables["params"]),
+                                    batch_stats=copy(variables["batch_stats"]),
+                                    quant_state=copy(variables["quant_state"]), opt_state=tx.init(variables["params"]))}
 
   def step():
     state["s"], metrics = train_step(state["s"], batches[0], jax.random.key(1))
@@ -88,24 +90,26 @@ def main():
 
   policy = hessian.DeltaRefreshPolicy(mode="hessian")
   refresh = {}
-  for mode, samples, repeats in (("joint", args.joint_samples, args.repeats),
-                                 ("blockwise", args.block_samples, 1)):
+  for mode, samples, repeats, num in (("joint", args.joint_samples, args.repeats, args.batches),
+                                      ("blockwise", args.block_samples, 1, args.block_batches)):
     estimator = hessian.make_trace_estimator(model, mode=mode, max_samples=samples, tolerance=0.0)
     jax.block_until_ready(estimator(variables, batches[0], jax.random.key(99)))   # compile
     times, deltas = [], []
     for r in range(repeats):
       start = time.perf_counter()
-      _, report = policy.refresh(estimator, variables, batches, jax.random.key(r))
+      _, report = policy.refresh(estimator, variables, batches[:num], jax.random.key(r))
       times.append(time.perf_counter() - start)
       deltas.append(report)
     names = sorted(deltas[0])
     refresh[mode] = (np.median(times), np.asarray([[d[n] for n in names] for d in deltas]), names)
-    print(f"{mode:>9} refresh ({args.batches} batches, {samples} samples{' per block' if mode == 'blockwise' else ''}):"
-          f" {np.median(times):8.2f} s = {np.median(times) / step_time:6.1f} training steps", flush=True)
+    per_batch = np.median(times) / num
+    print(f"{mode:>9} refresh ({num} batches, {samples} samples{' per block' if mode == 'blockwise' else ''}):"
+          f" {np.median(times):8.2f} s = {np.median(times) / step_time:6.1f} training steps"
+          f" ({per_batch / step_time:.1f} per batch)", flush=True)
 
   joint_deltas, block_deltas, names = refresh["joint"][1], refresh["blockwise"][1][0], refresh["joint"][2]
   rel = np.abs(joint_deltas.mean(0) - block_deltas) / np.maximum(np.abs(block_deltas), 1e-12)
-  print(f"delta, joint (mean of {args.repeats} refreshes) vs blockwise: median relative difference {np.median(rel):.1%}, "
+  print(f"delta, joint (mean of {args.repeats} refreshes) vs blockwise ({args.block_batches} batches): median relative difference {np.median(rel):.1%}, "
         f"max {rel.max():.1%}; joint refresh-to-refresh spread (std/mean, median over quantizers) "
         f"{np.median(joint_deltas.std(0) / np.maximum(np.abs(joint_deltas.mean(0)), 1e-12)):.1%}")
 

@@ -62,6 +62,13 @@ def delta_from_trace(trace_per_element, grad_sigma):
   return jnp.where(ok, trace_per_element / (3.0 * jnp.where(ok, grad_sigma, 1.0)), jnp.nan)
 
 
+def delta_from_gradient(trace_per_element, grad):
+  """EWGS Eq. 10 for one batch from the gradient ``dL/dx_q`` itself: ``(Tr(H)/N) / (3 std(grad))``,
+  std unbiased (``ddof=1``, torch's default, as the reference); NaN where undefined (zero spread).
+  """
+  return delta_from_trace(trace_per_element, jnp.std(jnp.asarray(grad, jnp.float32), ddof=1))
+
+
 def combine_batches(per_batch: np.ndarray, previous: float, name: str = "") -> float:
   """``max(0, mean)`` over the batches with a defined value; keeps ``previous`` if there is none.
 
@@ -122,18 +129,22 @@ def probe_loss(model, variables: dict, batch: dict) -> tuple[Callable, Any]:
   return loss, zeros
 
 
-def make_trace_estimator(model, *, mode: str = "joint", max_samples: int = 50, tolerance: float = 1e-3):
-  """Returns ``estimate(variables, batch, key) -> {probe path: (Tr(H)/N, sigma(g_q), samples)}``.
+def trace_fn(model, *, mode: str = "joint", max_samples: int = 50, tolerance: float = 1e-3) -> Callable:
+  """The pure, jittable estimate ``(params, batch_stats, quant_state, batch, key) -> (traces, sigmas,
+  counts)``, each ``[num quantizers]`` in probe-path order (EWGS Eq. 8-9 and the sigma of Eq. 10).
 
-  ``variables`` holds ``params``, ``batch_stats``, ``quant_state``; ``batch`` has ``image`` and
-  ``label``. The returned function is jitted (one compilation per batch shape) and follows the
-  shardings of its inputs, so a data-sharded batch runs data-parallel on every device and host.
+  ``traces`` is ``Tr(H_ii)/N_i``, ``sigmas`` the unbiased std of ``dL/dx_q``, ``counts`` the samples
+  used. No Python control flow on traced values and no host callbacks: the caller can ``jax.jit``
+  it with ``in_shardings`` (batch sharded on ``data``, state replicated) as the train step.
+  ``batch_stats`` may be ``None`` (no BatchNorm).
   """
   if mode not in ("joint", "blockwise"):
     raise ValueError(f"unknown Hessian mode {mode!r}; valid choices: ['joint', 'blockwise']")
 
-  @jax.jit
-  def estimate(variables, batch, key):
+  def estimate(params, batch_stats, quant_state, batch, key):
+    variables = {"params": params, "quant_state": quant_state}
+    if batch_stats is not None:
+      variables["batch_stats"] = batch_stats
     loss, zeros = probe_loss(model, variables, batch)
     leaves, treedef = jax.tree.flatten(zeros)
     grad_fn = jax.grad(loss)
@@ -160,6 +171,19 @@ def make_trace_estimator(model, *, mode: str = "joint", max_samples: int = 50, t
     sizes = jnp.asarray([leaf.size for leaf in leaves], jnp.float32)
     return means / sizes, sigmas, counts
 
+  return estimate
+
+
+def make_trace_estimator(model, *, mode: str = "joint", max_samples: int = 50, tolerance: float = 1e-3):
+  """Returns ``estimate(variables, batch, key) -> {probe path: (Tr(H)/N, sigma(g_q), samples)}``.
+
+  ``variables`` holds ``params``, ``batch_stats``, ``quant_state``; ``batch`` has ``image`` and
+  ``label``. The work is :func:`trace_fn` under ``jax.jit`` (one compilation per batch shape),
+  which follows the shardings of its inputs, so a data-sharded batch runs data-parallel on every
+  device and host; only the per-quantizer scalars come back to the host.
+  """
+  estimate = jax.jit(trace_fn(model, mode=mode, max_samples=max_samples, tolerance=tolerance))
+
   @functools.lru_cache(maxsize=8)
   def probe_paths(image_shape, dtype) -> list[str]:
     shapes = jax.eval_shape(functools.partial(model.init, train=True), jax.random.key(0),
@@ -167,10 +191,12 @@ def make_trace_estimator(model, *, mode: str = "joint", max_samples: int = 50, t
     return [_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes["perturbations"])[0]]
 
   def run(variables, batch, key) -> dict[str, tuple[float, float, int]]:
-    traces, sigmas, counts = jax.device_get(estimate(variables, batch, key))
+    traces, sigmas, counts = jax.device_get(estimate(
+        variables["params"], variables.get("batch_stats"), variables["quant_state"], batch, key))
     paths = probe_paths(tuple(batch["image"].shape), batch["image"].dtype)
     return {p: (float(t), float(s), int(c)) for p, t, s, c in zip(paths, traces, sigmas, counts)}
 
+  run.jitted = estimate
   return run
 
 
@@ -221,3 +247,10 @@ class DeltaRefreshPolicy:
     quant_state = jax.tree.unflatten(treedef, [jnp.asarray(new[_path_str(p)], jnp.float32)
                                                for p, _ in leaves_with_paths])
     return quant_state, {p: float(v) for p, v in new.items()}
+
+
+def refresh_deltas(estimator: Callable | None, variables: dict, batches: list[dict], key,
+                   policy: DeltaRefreshPolicy | None = None) -> dict:
+  """New ``quant_state`` from ``policy.refresh`` (default: Hessian mode); params and batch_stats
+  are neither read back nor returned, so the caller's copies stay exactly as they were."""
+  return (policy or DeltaRefreshPolicy()).refresh(estimator, variables, batches, key)[0]

@@ -1,6 +1,12 @@
 """Hutchinson traces over quantizer outputs and the EWGS delta rule (EWGS Eq. 8-10)."""
 
 import itertools
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
 
 import flax.linen as nn
 import jax
@@ -155,6 +161,9 @@ def test_delta_rule_formula_and_guards():
   assert hessian.combine_batches([0.2, 0.4, np.nan], previous=9.0) == pytest.approx(0.3)
   assert hessian.combine_batches([-0.2, -0.4], previous=9.0) == 0.0   # max(0, .)
   assert hessian.combine_batches([np.nan, np.nan], previous=0.25) == 0.25
+  grad = np.asarray([0.1, -0.3, 0.5, 0.0, 0.2])
+  np.testing.assert_allclose(hessian.delta_from_gradient(0.6, grad), 0.6 / (3 * np.std(grad, ddof=1)), rtol=1e-6)
+  assert np.isnan(hessian.delta_from_gradient(0.6, np.zeros(5)))   # all-zero gradient: undefined
   assert hessian.delta_path("stage1_block0/conv1/w_q") == "stage1_block0/conv1/delta_w"
   assert hessian.delta_path("fc/a_q") == "fc/delta_a"
 
@@ -173,8 +182,11 @@ def test_refresh_only_writes_delta(setup):
   values = np.asarray(jax.tree.leaves(quant_state))
   assert np.all(values >= 0) and np.all(np.isfinite(values)) and np.any(values != 2.0)
   # a batch with no gradient (all-equal logits are impossible to force here; zero labels weight)
-  fixed, _ = hessian.DeltaRefreshPolicy(mode="fixed", fixed_delta=0.001).refresh(None, variables, [], None)
+  fixed = hessian.refresh_deltas(None, variables, [], None, hessian.DeltaRefreshPolicy(mode="fixed", fixed_delta=0.001))
   np.testing.assert_allclose(jax.tree.leaves(fixed), 0.001)
+  # the report and the new quant_state agree, path by path (w_q -> delta_w, a_q -> delta_a)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(quant_state)[0]:
+    assert report[hessian._path_str(path)] == pytest.approx(float(leaf))
 
 
 def test_zero_gradient_batch_keeps_delta_finite(setup):
@@ -205,3 +217,45 @@ def test_bad_modes_raise():
     hessian.DeltaRefreshPolicy(mode="auto")
   with pytest.raises(ValueError, match="valid choices"):
     hessian.make_trace_estimator(None, mode="diag")
+
+
+_SHARDED_SCRIPT = textwrap.dedent("""
+    import json
+    import jax, numpy as np
+    from ewgs_jax import hessian, layers, parallel
+    from tests.test_hessian import TinyMLP, quant
+
+    model = TinyMLP(quant("ewgs"))
+    x = jax.random.normal(jax.random.key(0), (8, 2)) + 0.5
+    variables = jax.jit(lambda k, x: layers.init_variables(model, k, x))(jax.random.key(1), x)
+    batch = {"image": np.asarray(x), "label": np.asarray([0, 1, 2, 1, 0, 2, 1, 0])}
+    mesh = parallel.make_mesh()
+    rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    fn = hessian.trace_fn(model, mode="blockwise", max_samples=6, tolerance=0.0)
+    args = (variables["params"], variables["batch_stats"], variables["quant_state"])
+    key = jax.random.key(3)
+    single = jax.jit(fn)(*jax.device_put(args, jax.devices()[0]), jax.device_put(batch, jax.devices()[0]), key)
+    sharded = jax.jit(fn, in_shardings=(rep, rep, rep, data, rep), out_shardings=rep)(
+        *args, parallel.shard_batch(batch, mesh), key)
+    print("RESULT " + json.dumps({"devices": jax.device_count(),
+                                  "single": [np.asarray(a).tolist() for a in single],
+                                  "sharded": [np.asarray(a).tolist() for a in sharded]}))
+""")
+
+
+def test_sharded_estimate_matches_single_device():
+  """The jitted estimate (blockwise: lax.map over per-block while_loops) on 4 fake CPU devices with
+  the batch sharded on ``data`` gives the same traces, sigmas, counts and so deltas as on one
+  device: BatchNorm sees the global batch and the probes are global arrays."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads(result.stdout.split("RESULT ", 1)[1])
+  assert out["devices"] == 4
+  for single, sharded in zip(out["single"], out["sharded"]):
+    np.testing.assert_allclose(sharded, single, rtol=2e-4, atol=1e-7)
+  deltas = [np.asarray(hessian.delta_from_trace(*r[:2])) for r in (out["single"], out["sharded"])]
+  np.testing.assert_allclose(deltas[1], deltas[0], rtol=5e-4)
+  assert np.all(np.isfinite(deltas[0])) and np.all(np.asarray(out["single"][2]) == 6)
