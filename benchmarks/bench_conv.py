@@ -1,15 +1,23 @@
 """Convolution weight-gradient cost per ResNet-20 layer shape: XLA vs ``ewgs_jax.ops``.
 
-    python benchmarks/bench_conv.py [--batch 256] [--repeats 7]
+    python benchmarks/bench_conv.py [--batch 256] [--repeats 7] [--step-repeats 3]
+        [--torch-python /tmp/torchenv/bin/python --ewgs-src /tmp/EWGS/src]
 
 For each 3x3 layer shape of ResNet-20 at batch 256, times (jitted, interleaved medians) the
 weight gradient (VJP with respect to the kernel only) with XLA's convolution transpose and with
 the per-tap formulation of :mod:`ewgs_jax.ops`, and the full VJP (input and weight gradients).
+Then, in the same process, the real jitted W2A2 (EWGS) ResNet-20 ``train_step`` at the same batch
+with ``conv_impl`` xla vs fast, and, if ``--torch-python`` and ``--ewgs-src`` are given, the official
+PyTorch EWGS W2A2 ResNet-20 step (forward, backward, both Adam steps; run from a scratch checkout of
+cvlab-yonsei/EWGS in a subprocess, so nothing of it lives in this repository). The torch step runs
+after the JAX steps, not interleaved: compare it against the JAX medians printed just before.
 """
 
 import argparse
 import os
+import subprocess
 import sys
+import tempfile
 
 import jax
 
@@ -20,6 +28,49 @@ from ewgs_jax import ops  # noqa: E402
 
 # (spatial, in channels, out channels, stride) of ResNet-20's 3x3 convolutions
 SHAPES = [(32, 16, 16, 1), (32, 16, 32, 2), (16, 32, 32, 1), (16, 32, 64, 2), (8, 64, 64, 1)]
+
+# Times the official EWGS CIFAR-10 W2A2 ResNet-20 train step (the loop body of train_quant.py) on
+# random data; written here so the benchmark needs only the official source, never a copy of it.
+TORCH_DRIVER = """'''Times the official EWGS W2A2 ResNet-20 train step (CIFAR10/train_quant.py loop body) on CPU.
+
+Usage: torch_step.py EWGS_SRC BATCH REPEATS  -> prints 'TORCH_STEP_MEDIAN_S <seconds>'.
+Random 32x32 data; Adam(1e-3, wd 1e-4) for model params, Adam(1e-5) for quantizer params,
+as in the official defaults. The first step (data-driven init of the quantizers) is excluded.
+'''
+import argparse, os, statistics, sys, time
+src, batch, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+sys.path.insert(0, os.path.join(src, "CIFAR10"))
+import torch
+from custom_models import resnet20_quant
+from custom_modules import QConv
+args = argparse.Namespace(QActFlag=True, QWeightFlag=True, act_levels=4, weight_levels=4, baseline=False,
+                          bkwd_scaling_factorA=0.0, bkwd_scaling_factorW=0.0, num_classes=10)
+torch.manual_seed(0)
+model = resnet20_quant(args)
+model.train()
+quant = []
+for m in model.modules():
+  if isinstance(m, QConv):
+    quant += [p for n, p in m.named_parameters() if n in ("lW", "uW", "lA", "uA", "output_scale")]
+qid = {id(p) for p in quant}
+rest = [p for p in model.parameters() if id(p) not in qid]
+opt_m = torch.optim.Adam(rest, lr=1e-3, weight_decay=1e-4)
+opt_q = torch.optim.Adam(quant, lr=1e-5)
+crit = torch.nn.CrossEntropyLoss()
+x = torch.randn(batch, 3, 32, 32)
+y = torch.randint(0, 10, (batch,))
+def step():
+  opt_m.zero_grad(); opt_q.zero_grad()
+  loss = crit(model(x), y); loss.backward()
+  opt_m.step(); opt_q.step()
+  return loss.item()
+step(); step()
+times = []
+for _ in range(repeats):
+  t = time.perf_counter(); step(); times.append(time.perf_counter() - t)
+print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+print("TORCH_STEP_MEDIAN_S", statistics.median(times))
+"""
 
 
 def grads(impl, x, w, g, stride, what):
@@ -35,15 +86,50 @@ def grads(impl, x, w, g, stride, what):
   return lambda: fn(x, w, g)
 
 
+def train_steps(batch_size: int, repeats: int) -> dict[str, float]:
+  """Median seconds of the real jitted W2A2 EWGS ResNet-20 train step, conv xla vs fast."""
+  import numpy as np
+  from bench_resnet20 import make_case
+  from ewgs_jax import parallel
+  mesh = parallel.make_mesh()
+  rng = np.random.default_rng(0)
+  batch = parallel.shard_batch({"image": rng.normal(size=(batch_size, 32, 32, 3)).astype(np.float32),
+                                "label": rng.integers(0, 10, batch_size).astype(np.int32)}, mesh)
+  fns = {}
+  for impl in ("xla", "fast"):
+    with ops.conv_impl(impl):
+      fns[impl] = make_case("ewgs", batch, mesh)
+      jax.block_until_ready(fns[impl]())   # compile under the chosen implementation
+  return time_interleaved(fns, repeats=repeats)
+
+
+def torch_step(torch_python: str, ewgs_src: str, batch_size: int, repeats: int) -> float:
+  """Median seconds of the official PyTorch EWGS W2A2 ResNet-20 step, in a subprocess."""
+  with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+    f.write(TORCH_DRIVER)
+  result = subprocess.run([torch_python, f.name, ewgs_src, str(batch_size), str(repeats)], capture_output=True,
+                          text=True)
+  os.unlink(f.name)
+  if result.returncode != 0:   # e.g. the official code also needs numpy in the torch venv
+    raise RuntimeError(f"torch driver failed:\n{result.stderr[-3000:]}")
+  out = result.stdout
+  print(out.strip().splitlines()[0])
+  return float(out.split("TORCH_STEP_MEDIAN_S")[1])
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--step-repeats", type=int, default=3)
+  parser.add_argument("--skip-layers", action="store_true")
+  parser.add_argument("--torch-python", default=None)
+  parser.add_argument("--ewgs-src", default=None, help="scratch checkout of cvlab-yonsei/EWGS")
   args = parser.parse_args()
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, batch {args.batch}")
   print(f"{'layer (HxW, cin->cout, stride)':<32} {'xla dW ms':>10} {'fast dW ms':>11} {'ratio':>7} "
         f"{'xla dX+dW':>10} {'fast dX+dW':>11} {'ratio':>7}")
-  for hw, cin, cout, stride in SHAPES:
+  for hw, cin, cout, stride in [] if args.skip_layers else SHAPES:
     keys = jax.random.split(jax.random.key(hw * cin + cout), 3)
     x = jax.random.normal(keys[0], (args.batch, hw, hw, cin))
     w = jax.random.normal(keys[1], (3, 3, cin, cout)) * 0.1
@@ -53,6 +139,14 @@ def main():
     print(f"{f'{hw}x{hw}, {cin}->{cout}, s{stride}':<32} {m['xla-weight'] * 1e3:>10.1f} {m['fast-weight'] * 1e3:>11.1f} "
           f"{m['fast-weight'] / m['xla-weight']:>7.2f} {m['xla-both'] * 1e3:>10.1f} {m['fast-both'] * 1e3:>11.1f} "
           f"{m['fast-both'] / m['xla-both']:>7.2f}")
+
+  steps = train_steps(args.batch, args.step_repeats)
+  print(f"\nW2A2 EWGS ResNet-20 train step, batch {args.batch}: conv xla {steps['xla']:.3f} s, "
+        f"fast {steps['fast']:.3f} s, fast/xla {steps['fast'] / steps['xla']:.2f}")
+  if args.torch_python and args.ewgs_src:
+    t = torch_step(args.torch_python, args.ewgs_src, args.batch, args.step_repeats)
+    print(f"official PyTorch EWGS W2A2 step {t:.3f} s; ours/torch: conv xla {steps['xla'] / t:.2f}, "
+          f"fast {steps['fast'] / t:.2f}")
 
 
 if __name__ == "__main__":
