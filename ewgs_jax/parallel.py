@@ -24,18 +24,22 @@ log = logging.getLogger(__name__)
 DATA_AXIS = "data"
 
 
-def maybe_initialize_distributed(config: Any = None) -> None:
-  """Calls ``jax.distributed.initialize`` when ``config.enabled``; a no-op otherwise or if done.
+_INIT_KEYS = ("coordinator_address", "num_processes", "process_id", "local_device_ids",
+              "initialization_timeout")
 
-  ``coordinator_address``, ``num_processes`` and ``process_id`` may be left unset on platforms
-  where JAX detects them (TPU pods, SLURM, Kubernetes).
+
+def maybe_initialize_distributed(config: Any = None, **overrides: Any) -> None:
+  """Calls ``jax.distributed.initialize`` when ``enabled`` is set; a no-op otherwise or if done.
+
+  ``config`` is a mapping (``dict`` or ``ConfigDict``, e.g. ``config.distributed``) and/or keyword
+  arguments: ``enabled`` plus any of ``coordinator_address``, ``num_processes``, ``process_id``,
+  ``local_device_ids``, ``initialization_timeout``. Unset ones are left to JAX, which detects them
+  on TPU pods, SLURM and Kubernetes. Safe to call more than once.
   """
-  if config is None or not config.get("enabled", False):
+  settings = {**dict(config or {}), **overrides}
+  if not settings.get("enabled", False) or jax.distributed.is_initialized():
     return
-  if jax.distributed.is_initialized():
-    return
-  kwargs = {k: config.get(k) for k in ("coordinator_address", "num_processes", "process_id")
-            if config.get(k) is not None}
+  kwargs = {k: settings[k] for k in _INIT_KEYS if settings.get(k) is not None}
   # CPU processes need a collectives backend to talk to each other (no effect on GPU/TPU).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**kwargs)
@@ -59,11 +63,31 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """Every device holds the whole value (the training state)."""
   return NamedSharding(mesh, P())
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over ``data``; device ``d`` of the mesh holds the ``d``-th block."""
   return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Places a tree replicated on ``mesh``; works with several processes.
+
+  Host values (numpy, Python scalars, single-process ``jax.Array``s) must be identical on every
+  process, as after initialising from the same seed: each process fills its own devices from its
+  copy. Arrays that already span several processes are resharded with ``jax.device_put``.
+  """
+  sharding = replicated(mesh)
+
+  def put(x):
+    if isinstance(x, jax.Array) and (not x.is_fully_addressable
+                                     or jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)):
+      return jax.device_put(x, sharding)
+    value = np.asarray(x)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+  return jax.tree.map(put, tree)
 
 
 def check_batch_divisible(global_batch_size: int, mesh: Mesh, what: str = "batch size") -> None:
@@ -75,15 +99,28 @@ def check_batch_divisible(global_batch_size: int, mesh: Mesh, what: str = "batch
 
 
 def shard_batch(local_batch: dict, mesh: Mesh) -> dict:
-  """Global arrays sharded on ``data`` from this process's rows (see the module docstring)."""
+  """Global arrays sharded on ``data`` from this process's rows (see the module docstring).
+
+  ``local_batch`` maps names to numpy arrays of ``global_batch_size / jax.process_count()`` rows:
+  this process's contiguous block. With one process it is simply the whole batch.
+  """
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
 
 
 def to_host(tree: Any) -> Any:
-  """Numpy copy of a tree of replicated (or host-local) arrays, on every process."""
+  """Numpy copy of the whole value of every leaf, on every process.
+
+  Replicated arrays are read from a local device; arrays sharded across processes are gathered
+  with ``process_allgather``, a collective: every process must call :func:`to_host` on the same
+  tree (as in the training loop, where all processes run the same code).
+  """
+  from jax.experimental import multihost_utils
+
   def fetch(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      return np.asarray(x.addressable_data(0))   # replicated: every shard holds the whole value
+      if x.sharding.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))   # every device holds the whole value
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
   return jax.tree.map(fetch, tree)
