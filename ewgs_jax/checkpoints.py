@@ -51,13 +51,16 @@ def preemption_requested() -> bool:
 class CheckpointKeeper:
   """Saves/restores ``(state, extra)`` under ``workdir/checkpoints``: last N plus the best."""
 
-  def __init__(self, workdir: str, max_to_keep: int = 2, best_metric: str = "test_accuracy"):
+  def __init__(self, workdir: str, max_to_keep: int = 2, best_metric: str = "test_accuracy",
+               keep_best: bool = True):
+    """``max_to_keep`` latest steps are kept, plus (``keep_best``) the step with the highest
+    ``metrics[best_metric]`` among those saved with metrics (orbax's ``BestN`` with ``n=1``)."""
     self.best_metric = best_metric
-    preservation = policies.AnyPreservationPolicy([
-        policies.LatestN(max_to_keep),
-        policies.BestN(get_metric_fn=lambda m: m[best_metric], reverse=False, n=1,
-                       keep_checkpoints_without_metrics=False),
-    ])
+    keep = [policies.LatestN(max_to_keep)]
+    if keep_best:
+      keep.append(policies.BestN(get_metric_fn=lambda m: m[best_metric], reverse=False, n=1,
+                                 keep_checkpoints_without_metrics=False))
+    preservation = policies.AnyPreservationPolicy(keep)
     options = ocp.CheckpointManagerOptions(preservation_policy=preservation, create=True)
     self.manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                          options=options, item_names=("state", "extra"))
