@@ -83,13 +83,15 @@ class QuantConfig:
   module path (``"stage1_block0/conv1"``) matches ``re.search(regex, path)``, later rules winning.
   ``overrides`` keys: ``enabled`` (False = full precision), ``bits``, ``weight_bits``, ``act_bits``,
   ``method``, ``weight_method``, ``act_method``, ``backward``. First and last layers of a model stay
-  full precision unless ``quantize_first_last``.
+  full precision unless ``quantize_first_last``. ``enabled=False`` makes every layer full precision
+  (parameter names unchanged).
   """
   weight: QuantizerSpec = QuantizerSpec()
   act: QuantizerSpec = QuantizerSpec()
   quantize_first_last: bool = False
   rules: tuple = ()
   replacement_granularity: str = replacement.DEFAULT_GRANULARITY
+  enabled: bool = True
 
   def __post_init__(self):
     frozen = []
@@ -108,6 +110,8 @@ class QuantConfig:
   def resolve(self, path: str) -> LayerQuant:
     """The setting of the layer at ``path`` after every matching rule."""
     weight, act = self.weight, self.act
+    if not self.enabled:
+      return LayerQuant(dataclasses.replace(weight, method="none"), dataclasses.replace(act, method="none"))
     for pattern, overrides in self.rules:
       if re.search(pattern, path):
         weight, act = _apply_overrides(weight, act, dict(overrides))
@@ -310,13 +314,14 @@ def check_rules(model: nn.Module, images: Array) -> None:
     raise ValueError(f"quantization rules {unmatched} match no quantizable layer; layers: {paths}")
 
 
-def init_variables(model: nn.Module, rng: Array, images: Array) -> dict:
+def init_variables(model: nn.Module, rng: Array, images: Array, ctx: QuantContext | None = None) -> dict:
   """Initialises ``model`` on a real batch (data-driven quantizer initialisation, EWGS Sec. 4.1).
 
   BatchNorm uses the batch's statistics during this pass (as the reference's train-mode
-  initialisation); running statistics keep their initial values. Probes are dropped.
+  initialisation); running statistics keep their initial values. Probes are dropped. ``ctx``
+  (default: none, i.e. mu = 0 and no replacement) is passed to the model's forward.
   """
-  variables = model.init({"params": rng}, images, train=True)
+  variables = model.init({"params": rng}, images, train=True, ctx=ctx)
   return {k: v for k, v in variables.items() if k != "perturbations"}
 
 
