@@ -108,8 +108,13 @@ def test_switch_selects_what_it_says():
 
   assert uses_custom_vjp("fast") and not uses_custom_vjp("xla")
   with ops.conv_impl("auto"):
-    assert ops.selected_impl() == ("fast" if jax.default_backend() == "cpu" else "xla")
-    assert uses_custom_vjp("auto") == (jax.default_backend() == "cpu")
+    assert ops.selected_impl() == "xla"   # ordinary convolutions: XLA's weight gradient measured as fast
+    assert ops.selected_impl(feature_group_count=4) == ("fast" if jax.default_backend() == "cpu" else "xla")
+    assert not uses_custom_vjp("auto")
+    xd, wd = inputs((1, 5, 5, 4), 3, 4, 4)
+    depthwise = jax.make_jaxpr(lambda x, w: ops.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=ops.NHWC, feature_group_count=4))(xd, wd)
+    assert ("custom_vjp_call" in str(depthwise)) == (jax.default_backend() == "cpu")
   with ops.conv_impl("xla"):
     assert ops.selected_impl() == "xla"
   # unsupported variants (dilation, other layouts) fall back to XLA even when forced
