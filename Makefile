@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test train bench clean
+.PHONY: install test test-all train clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Cases marked slow (large compiles) run with `make test-all`.
 test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+
+test-all: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The offline quickstart (configs/quickstart.py): a full-precision ResNet on scikit-learn's bundled

@@ -12,9 +12,10 @@ def get_config(variant: str | None = None):
   c = default_config()
   c.dataset = "digits"
   c.model = "resnet8"
+  c.model_kwargs.stage_widths = (16, 32)   # two stages suffice for 8x8 images and compile faster
   c.batch_size = 128
   c.eval_batch_size = 360
-  c.num_epochs = 20
+  c.num_epochs = 10
   c.log_every_steps = 20
   c.optimizer = "adam"
   c.learning_rate = 3e-3
@@ -24,14 +25,14 @@ def get_config(variant: str | None = None):
   c.delta.every_epochs = 2
   c.delta.batch_size = 128
   c.delta.max_samples = 20
-  # The run is ~240 steps: scale PEGE's schedules so p reaches 1 and mu saturates within it.
-  c.pege.rate_kwargs = {"base": 10.0, "k": 0.05, "b": 3.0}
-  c.pege.mu_kwargs = {"mu_max": 1e-3, "k": 0.02}
+  # The run is 110 steps: scale PEGE's schedules so p reaches 1 (step 70) and mu saturates within it.
+  c.pege.rate_kwargs = {"base": 10.0, "k": 0.1, "b": 3.0}
+  c.pege.mu_kwargs = {"mu_max": 1e-3, "k": 0.05}
   variant = variant or "w2a2_ewgs"
   if variant == "fp":
     c.quant.enabled = False
     c.delta.mode = "off"
-    c.num_epochs = 30
+    c.num_epochs = 15
     return c
   backward = {"w2a2_ste": "ste", "w2a2_ewgs": "ewgs", "w2a2_pege": "pege"}.get(variant)
   if backward is None:
