@@ -11,9 +11,7 @@ Variants (``--config configs/cifar10_resnet20.py:VARIANT``):
 QAT variants warm start from ``--config.init_from=<fp workdir>``.
 """
 
-import re
-
-from ewgs_jax.config import default_config
+from ewgs_jax.config import apply_bits_variant, default_config
 
 
 def get_config(variant: str | None = None):
@@ -33,15 +31,6 @@ def get_config(variant: str | None = None):
     c.learning_rate = 0.1
     c.delta.mode = "off"
     return c
-  fixed = variant.endswith("_fixed")
-  match = re.fullmatch(r"w(\d+)a(\d+)_(ste|ewgs|pege)", variant.removesuffix("_fixed"))
-  if match is None:
-    raise ValueError(f"unknown variant {variant!r}; valid: fp, w<bits>a<bits>_<ste|ewgs|pege>[_fixed]")
-  for side, bits in (("weight", int(match[1])), ("act", int(match[2]))):
-    if bits == 32:   # e.g. W1A32: that side stays full precision
-      c.quant[f"{side}_method"] = "none"
-    else:
-      c.quant[f"{side}_bits"] = bits
-  c.quant.backward = match[3]
-  c.delta.mode = ("fixed" if fixed else "hessian") if c.quant.backward == "ewgs" else "off"
+  if apply_bits_variant(c, variant, "_fixed") and c.quant.backward == "ewgs":
+    c.delta.mode = "fixed"
   return c

@@ -7,9 +7,7 @@ full-precision workdir with ``--config.init_from``. ImageNet must be prepared fo
 (see README).
 """
 
-import re
-
-from ewgs_jax.config import default_config
+from ewgs_jax.config import apply_bits_variant, default_config
 
 
 def get_config(variant: str | None = None):
@@ -33,18 +31,7 @@ def get_config(variant: str | None = None):
     c.num_epochs = 90
     c.delta.mode = "off"
     return c
-  pact = variant.endswith("_pact")
-  match = re.fullmatch(r"w(\d+)a(\d+)_(ste|ewgs|pege)", variant.removesuffix("_pact"))
-  if match is None:
-    raise ValueError(f"unknown variant {variant!r}; valid: fp, w<bits>a<bits>_<ste|ewgs|pege>[_pact]")
-  for side, bits in (("weight", int(match[1])), ("act", int(match[2]))):
-    if bits == 32:   # e.g. W1A32: that side stays full precision
-      c.quant[f"{side}_method"] = "none"
-    else:
-      c.quant[f"{side}_bits"] = bits
-  c.quant.backward = match[3]
-  if pact:
+  if apply_bits_variant(c, variant, "_pact"):
     c.quant.weight_method = c.quant.act_method = "pact"
     c.nesterov = True  # PEGE Sec. 4: Nesterov SGD on ImageNet
-  c.delta.mode = "hessian" if c.quant.backward == "ewgs" else "off"
   return c

@@ -8,6 +8,7 @@ suggestion) and invalid values (with the list of valid choices) before any JAX w
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any
 
 import ml_collections
@@ -92,6 +93,25 @@ def default_config() -> ml_collections.ConfigDict:
   c.distributed.num_processes = ml_collections.config_dict.placeholder(int)
   c.distributed.process_id = ml_collections.config_dict.placeholder(int)
   return c
+
+
+def apply_bits_variant(config: ml_collections.ConfigDict, variant: str, suffix: str) -> bool:
+  """Sets bits and backward rule from a ``w<bits>a<bits>_<ste|ewgs|pege>[suffix]`` variant name.
+
+  A side with 32 bits stays full precision (``W1A32``). Returns whether ``suffix`` was present;
+  EWGS variants get Hessian deltas, the others none.
+  """
+  match = re.fullmatch(rf"w(\d+)a(\d+)_(ste|ewgs|pege)({re.escape(suffix)})?", variant)
+  if match is None:
+    raise ValueError(f"unknown variant {variant!r}; valid: fp, w<bits>a<bits>_<ste|ewgs|pege>[{suffix}]")
+  for side, bits in (("weight", int(match[1])), ("act", int(match[2]))):
+    if bits == 32:
+      config.quant[f"{side}_method"] = "none"
+    else:
+      config.quant[f"{side}_bits"] = bits
+  config.quant.backward = match[3]
+  config.delta.mode = "hessian" if match[3] == "ewgs" else "off"
+  return match[4] is not None
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
