@@ -237,7 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     delta_iter = train_iterator(config.delta.batch_size, config.seed + 1 + step)
     batches = [parallel.shard_batch(delta_iter.batch_at(0, i), mesh) for i in range(config.delta.num_batches)]
     quant_state, _ = policy.refresh(estimator, state.variables(), batches, jax.random.fold_in(delta_key, step))
-    return state.replace(quant_state=jax.device_put(quant_state, replicated))
+    return state.replace(quant_state=parallel.replicate(quant_state, mesh))
 
   # 4. The loop, with evaluation every epoch and checkpoints (data position included).
   writer = reporting.MetricsWriter(workdir)
