@@ -149,6 +149,11 @@ class QuantContext:
   key: Any = None
 
 
+def first_last_quant(quant: QuantConfig | None) -> QuantConfig | None:
+  """The setting of a model's first and last layers: full precision unless ``quantize_first_last``."""
+  return quant if quant is not None and quant.quantize_first_last else None
+
+
 def is_quantizer_param(path: Sequence[str]) -> bool:
   """True for learned quantizer parameters (their leaf name starts with ``q_``)."""
   return bool(path) and str(path[-1]).startswith("q_")

@@ -16,7 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ewgs_jax.layers import QuantConfig, QuantContext, QuantConv, QuantDense
+from ewgs_jax.layers import QuantConfig, QuantContext, QuantConv, QuantDense, first_last_quant
 
 
 def batch_norm(train: bool, name: str | None = None, dtype: Any = jnp.float32) -> nn.BatchNorm:
@@ -54,7 +54,7 @@ class CifarResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False, ctx: QuantContext | None = None):
-    edge_quant = self.quant if self.quant is not None and self.quant.quantize_first_last else None
+    edge_quant = first_last_quant(self.quant)
     x = x.astype(self.dtype)
     x = QuantConv(self.stage_widths[0], (3, 3), padding=[(1, 1), (1, 1)], quant=edge_quant, dtype=self.dtype,
                   name="conv1")(x, ctx)

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ewgs_jax.layers import QuantConfig, QuantContext, QuantConv, QuantDense
+from ewgs_jax.layers import QuantConfig, QuantContext, QuantConv, QuantDense, first_last_quant
 from ewgs_jax.models.cifar_resnet import batch_norm
 
 
@@ -56,7 +56,7 @@ class ImageNetResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False, ctx: QuantContext | None = None):
-    edge_quant = self.quant if self.quant is not None and self.quant.quantize_first_last else None
+    edge_quant = first_last_quant(self.quant)
     x = x.astype(self.dtype)
     x = QuantConv(64, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], quant=edge_quant, dtype=self.dtype, name="conv1")(x, ctx)
     x = nn.relu(batch_norm(train, "bn1", self.dtype)(x))

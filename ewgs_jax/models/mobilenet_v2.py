@@ -13,7 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ewgs_jax.layers import QuantConfig, QuantContext, QuantConv, QuantDense
+from ewgs_jax.layers import QuantConfig, QuantContext, QuantConv, QuantDense, first_last_quant
 from ewgs_jax.models.cifar_resnet import batch_norm
 
 # expansion t, output channels c, repeats n, first stride s
@@ -50,7 +50,7 @@ class MobileNetV2(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False, ctx: QuantContext | None = None):
-    edge_quant = self.quant if self.quant is not None and self.quant.quantize_first_last else None
+    edge_quant = first_last_quant(self.quant)
     x = x.astype(self.dtype)
     x = QuantConv(32, (3, 3), (2, 2), padding=[(1, 1), (1, 1)], quant=edge_quant, dtype=self.dtype, name="stem")(x, ctx)
     x = nn.relu6(batch_norm(train, "stem_bn", self.dtype)(x))

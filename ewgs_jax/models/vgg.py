@@ -13,7 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ewgs_jax.layers import QuantConfig, QuantContext, QuantConv, QuantDense
+from ewgs_jax.layers import QuantConfig, QuantContext, QuantConv, QuantDense, first_last_quant
 from ewgs_jax.models.cifar_resnet import batch_norm
 
 VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -27,7 +27,7 @@ class VGG(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False, ctx: QuantContext | None = None):
-    edge_quant = self.quant if self.quant is not None and self.quant.quantize_first_last else None
+    edge_quant = first_last_quant(self.quant)
     x = x.astype(self.dtype)
     index = 0
     for item in self.layout:
