@@ -7,7 +7,7 @@ Re-running the same command resumes from the latest checkpoint in ``--workdir``.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ewgs_jax import training
+from ewgs_jax import hostmem, training
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, optionally 'path.py:variant'.", lock_config=True)
@@ -20,6 +20,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO if FLAGS.verbose else logging.WARNING)
+  # Before anything starts the JAX backend: the allocator settings only reach threads created later.
+  if hostmem.tune(FLAGS.config.host_allocator):
+    logging.info("host allocator tuned for XLA:CPU (ewgs_jax.hostmem)")
   training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

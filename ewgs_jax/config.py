@@ -22,6 +22,7 @@ OPTIMIZERS = ("adam", "sgd")
 DELTA_MODES = ("hessian", "fixed", "off")
 HESSIAN_MODES = ("joint", "blockwise")
 CONV_IMPLS = ("auto", "xla", "fast")
+HOST_ALLOCATORS = ("auto", "tuned", "system")   # = ewgs_jax.hostmem.MODES
 LR_SCHEDULES = ("cosine", "constant")
 
 
@@ -43,6 +44,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model_kwargs = ml_collections.ConfigDict()
   c.half_precision = False      # bfloat16 activations/compute, float32 params
   c.conv_impl = "auto"          # 'fast' custom-VJP conv on CPU, XLA's elsewhere
+  c.host_allocator = "auto"     # 'tuned' glibc malloc for XLA:CPU (ewgs_jax.hostmem); applied by train.py
   # Quantization (EWGS Sec. 3.1; PEGE Sec. 3.1). quant.enabled=False trains full precision.
   c.quant = ml_collections.ConfigDict()
   c.quant.enabled = True
@@ -60,6 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.delta.every_epochs = 10
   c.delta.fixed_value = 1e-3    # EWGS Table 4 "fixed"
   c.delta.hessian_mode = "joint"
+  c.delta.hvp = "linearize"      # 'linearize': one gradient pass per batch, HVPs reuse it; 'jvp': less memory
   c.delta.num_batches = 3
   c.delta.batch_size = 256
   c.delta.max_samples = 50
@@ -157,12 +160,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.quant.{name}={bits!r} is invalid; valid choices: integers {MIN_BITS}..{MAX_BITS}")
   _choice("delta.mode", config.delta.mode, DELTA_MODES)
   _choice("delta.hessian_mode", config.delta.hessian_mode, HESSIAN_MODES)
+  _choice("delta.hvp", config.delta.hvp, ("linearize", "jvp"))   # = hessian.HVP_METHODS
   _choice("pege.rate_schedule", config.pege.rate_schedule, sorted(RATE_SCHEDULES))
   _choice("pege.mu_schedule", config.pege.mu_schedule, sorted(MU_SCHEDULES))
   _choice("pege.granularity", config.pege.granularity, GRANULARITIES)
   _choice("optimizer", config.optimizer, OPTIMIZERS)
   _choice("lr_schedule", config.lr_schedule, LR_SCHEDULES)
   _choice("conv_impl", config.conv_impl, CONV_IMPLS)
+  _choice("host_allocator", config.host_allocator, HOST_ALLOCATORS)
   for name in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps", "keep_checkpoints",
                "eval_every_epochs"):
     if not isinstance(config[name], int) or config[name] <= 0:

@@ -29,7 +29,7 @@ from ewgs_jax import checkpoints, config as config_lib, data, hessian, layers, m
 from ewgs_jax import schedules
 
 log = logging.getLogger(__name__)
-RUNTIME_KEYS = ("distributed", "progress_bar", "data_workers")   # not part of what defines a run
+RUNTIME_KEYS = ("distributed", "progress_bar", "data_workers", "host_allocator")   # not part of what defines a run
 
 
 # --- state and optimisers ----------------------------------------------------------------------
@@ -230,7 +230,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   policy = hessian.DeltaRefreshPolicy(mode=config.delta.mode if ewgs_run else "off",
                                       every_epochs=config.delta.every_epochs, fixed_delta=config.delta.fixed_value)
   estimator = hessian.make_trace_estimator(model, mode=config.delta.hessian_mode,
-                                           max_samples=config.delta.max_samples, tolerance=config.delta.tolerance)
+                                           max_samples=config.delta.max_samples, tolerance=config.delta.tolerance,
+                                           hvp=config.delta.hvp)
 
   def refresh_deltas(state, step):
     """Fresh batches (the first ``num_batches`` of a new pass, as the reference) -> new deltas."""

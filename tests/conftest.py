@@ -3,7 +3,11 @@
 import os
 import tempfile
 
-import jax
+from ewgs_jax import hostmem
+
+hostmem.tune()   # before jax starts its backend: XLA:CPU steps without per-call page faults
+
+import jax  # noqa: E402
 
 # Training tests compile the same (tiny) train step in several runs and subprocesses; the cache
 # turns every compilation after the first into a disk read.
