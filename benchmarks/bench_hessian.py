@@ -2,12 +2,15 @@
 (EWGS Eq. 8-10), in units of one training step, measured in one run.
 
     python benchmarks/bench_hessian.py [--batch 256] [--batches 3] [--joint-samples 3]
-        [--block-samples 1] [--repeats 3] [--spread-samples 32] [--spread-block-samples 2]
+        [--block-samples 1] [--block-batches 1] [--repeats 3] [--spread-samples 32]
+        [--spread-block-samples 2]
 
 1. Train step: ``training.make_steps``' jitted step (value_and_grad + optimizer update).
 2. Refresh cost: ``DeltaRefreshPolicy.refresh`` over ``--batches`` batches, no early stop, with
-   ``--joint-samples`` HVPs per batch (joint) or ``--block-samples`` HVPs per block per batch
-   (blockwise: ``blocks x samples`` HVPs per batch). Joint is repeated with different keys.
+   ``--joint-samples`` HVPs per batch (joint), with the HVPs from ``jax.linearize`` (one gradient
+   pass per batch, the default) and from a fresh ``jax.jvp`` per probe; and blockwise with
+   ``--block-samples`` HVPs per block per batch over ``--block-batches`` batches (``blocks x
+   samples`` HVPs per batch; its cost is also given per batch). Joint is repeated with different keys.
 3. Spread at equal time: on one batch, single-sample Hutchinson values ``v_i^T (H v)_i / N_i``
    per block, for joint probes and for block-only probes. A blockwise sample costs one HVP for
    one block, a joint sample one HVP for all blocks, so at equal time the joint mean has
@@ -36,12 +39,13 @@ def per_sample_values(model, variables, batch, key, samples: int, blockwise: boo
   """``[samples, blocks]`` single-sample Hutchinson values ``v_i^T (H v)_i / N_i``."""
   loss, zeros = hessian.probe_loss(model, variables, batch)
   leaves, treedef = jax.tree.flatten(zeros)
-  grad_fn, n = jax.grad(loss), len(leaves)
+  _, hvp = jax.linearize(jax.grad(loss), zeros)
+  n = len(leaves)
 
   def sample(key, mask):
     vs = [jax.random.rademacher(k, z.shape, jnp.float32) * m
           for k, z, m in zip(jax.random.split(key, n), leaves, mask)]
-    _, hv = jax.jvp(grad_fn, (zeros,), (jax.tree.unflatten(treedef, vs),))
+    hv = hvp(jax.tree.unflatten(treedef, vs))
     return jnp.stack([jnp.vdot(v, h) / v.size for v, h in zip(vs, jax.tree.leaves(hv))])
 
   keys = jax.random.split(key, samples)
@@ -59,7 +63,7 @@ def main():
   parser.add_argument("--batches", type=int, default=3)
   parser.add_argument("--joint-samples", type=int, default=3)
   parser.add_argument("--block-samples", type=int, default=1)
-  parser.add_argument("--block-batches", type=int, default=3, help="batches in the timed blockwise refresh")
+  parser.add_argument("--block-batches", type=int, default=1, help="batches in the timed blockwise refresh")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--spread-samples", type=int, default=32)
   parser.add_argument("--spread-block-samples", type=int, default=2)
@@ -90,9 +94,10 @@ def main():
 
   policy = hessian.DeltaRefreshPolicy(mode="hessian")
   refresh = {}
-  for mode, samples, repeats, num in (("joint", args.joint_samples, args.repeats, args.batches),
-                                      ("blockwise", args.block_samples, 1, args.block_batches)):
-    estimator = hessian.make_trace_estimator(model, mode=mode, max_samples=samples, tolerance=0.0)
+  for mode, hvp, samples, repeats, num in (("joint", "linearize", args.joint_samples, args.repeats, args.batches),
+                                           ("joint", "jvp", args.joint_samples, 1, args.batches),
+                                           ("blockwise", "linearize", args.block_samples, 1, args.block_batches)):
+    estimator = hessian.make_trace_estimator(model, mode=mode, max_samples=samples, tolerance=0.0, hvp=hvp)
     jax.block_until_ready(estimator(variables, batches[0], jax.random.key(99)))   # compile
     times, deltas = [], []
     for r in range(repeats):
@@ -101,9 +106,10 @@ def main():
       times.append(time.perf_counter() - start)
       deltas.append(report)
     names = sorted(deltas[0])
-    refresh[mode] = (np.median(times), np.asarray([[d[n] for n in names] for d in deltas]), names)
+    if hvp == "linearize":
+      refresh[mode] = (np.median(times), np.asarray([[d[n] for n in names] for d in deltas]), names)
     per_batch = np.median(times) / num
-    print(f"{mode:>9} refresh ({num} batches, {samples} samples{' per block' if mode == 'blockwise' else ''}):"
+    print(f"{mode:>9} refresh, hvp {hvp:<9} ({num} batches, {samples} samples{' per block' if mode == 'blockwise' else ''}):"
           f" {np.median(times):8.2f} s = {np.median(times) / step_time:6.1f} training steps"
           f" ({per_batch / step_time:.1f} per batch)", flush=True)
 

@@ -15,6 +15,14 @@ Modes:
   ``v_i^T (H v)_i`` is unbiased for block i's trace (the off-diagonal terms have zero mean), at the
   cost of one HVP per sample for all blocks.
 
+HVPs (``hvp``): ``"linearize"`` (default) runs the forward-over-reverse pass once per batch with
+``jax.linearize(jax.grad(loss))`` -- its primal output is the gradient that Eq. 10's sigma needs --
+and applies the stored linear map to every probe, so each further sample costs only the tangent
+half of a ``jax.jvp`` (``benchmarks/bench_hessian.py`` measures both). It keeps the residuals of
+the gradient pass for the whole batch (about the memory of one train step's activations, twice).
+``"jvp"`` calls ``jax.jvp(jax.grad(loss))`` afresh for every probe and takes the gradient from a
+separate reverse pass: the same numbers (tested), less memory, more time.
+
 Sampling stops at ``max_samples`` or once the running mean changes by less than ``tolerance``
 relative to its magnitude (with ``abs`` in the denominator; the reference code omits it and so
 stops after two samples whenever the trace is negative). Several batches are averaged as the
@@ -129,7 +137,11 @@ def probe_loss(model, variables: dict, batch: dict) -> tuple[Callable, Any]:
   return loss, zeros
 
 
-def trace_fn(model, *, mode: str = "joint", max_samples: int = 50, tolerance: float = 1e-3) -> Callable:
+HVP_METHODS = ("linearize", "jvp")
+
+
+def trace_fn(model, *, mode: str = "joint", max_samples: int = 50, tolerance: float = 1e-3,
+             hvp: str = "linearize") -> Callable:
   """The pure, jittable estimate ``(params, batch_stats, quant_state, batch, key) -> (traces, sigmas,
   counts)``, each ``[num quantizers]`` in probe-path order (EWGS Eq. 8-9 and the sigma of Eq. 10).
 
@@ -140,6 +152,8 @@ def trace_fn(model, *, mode: str = "joint", max_samples: int = 50, tolerance: fl
   """
   if mode not in ("joint", "blockwise"):
     raise ValueError(f"unknown Hessian mode {mode!r}; valid choices: ['joint', 'blockwise']")
+  if hvp not in HVP_METHODS:
+    raise ValueError(f"unknown HVP method {hvp!r}; valid choices: {list(HVP_METHODS)}")
 
   def estimate(params, batch_stats, quant_state, batch, key):
     variables = {"params": params, "quant_state": quant_state}
@@ -148,14 +162,18 @@ def trace_fn(model, *, mode: str = "joint", max_samples: int = 50, tolerance: fl
     loss, zeros = probe_loss(model, variables, batch)
     leaves, treedef = jax.tree.flatten(zeros)
     grad_fn = jax.grad(loss)
-    grads = jax.tree.leaves(grad_fn(zeros))
-    sigmas = jnp.stack([jnp.std(g, ddof=1) for g in grads])
+    if hvp == "linearize":   # one forward-over-reverse pass; its primal is the gradient (EWGS Eq. 9-10)
+      grads, hvp_fn = jax.linearize(grad_fn, zeros)
+    else:
+      grads = grad_fn(zeros)
+      hvp_fn = lambda tangent: jax.jvp(grad_fn, (zeros,), (tangent,))[1]
+    sigmas = jnp.stack([jnp.std(g, ddof=1) for g in jax.tree.leaves(grads)])
 
     def vhv(key, block_mask):
       keys = jax.random.split(key, len(leaves))
       vs = [jax.random.rademacher(k, leaf.shape, jnp.float32) * m
             for k, leaf, m in zip(keys, leaves, block_mask)]
-      _, hv = jax.jvp(grad_fn, (zeros,), (jax.tree.unflatten(treedef, vs),))
+      hv = hvp_fn(jax.tree.unflatten(treedef, vs))
       return jnp.stack([jnp.vdot(v, h) for v, h in zip(vs, jax.tree.leaves(hv))])
 
     n = len(leaves)
@@ -174,7 +192,8 @@ def trace_fn(model, *, mode: str = "joint", max_samples: int = 50, tolerance: fl
   return estimate
 
 
-def make_trace_estimator(model, *, mode: str = "joint", max_samples: int = 50, tolerance: float = 1e-3):
+def make_trace_estimator(model, *, mode: str = "joint", max_samples: int = 50, tolerance: float = 1e-3,
+                         hvp: str = "linearize"):
   """Returns ``estimate(variables, batch, key) -> {probe path: (Tr(H)/N, sigma(g_q), samples)}``.
 
   ``variables`` holds ``params``, ``batch_stats``, ``quant_state``; ``batch`` has ``image`` and
@@ -182,7 +201,7 @@ def make_trace_estimator(model, *, mode: str = "joint", max_samples: int = 50, t
   which follows the shardings of its inputs, so a data-sharded batch runs data-parallel on every
   device and host; only the per-quantizer scalars come back to the host.
   """
-  estimate = jax.jit(trace_fn(model, mode=mode, max_samples=max_samples, tolerance=tolerance))
+  estimate = jax.jit(trace_fn(model, mode=mode, max_samples=max_samples, tolerance=tolerance, hvp=hvp))
 
   @functools.lru_cache(maxsize=8)
   def probe_paths(image_shape, dtype) -> list[str]:

@@ -259,3 +259,19 @@ def test_sharded_estimate_matches_single_device():
   deltas = [np.asarray(hessian.delta_from_trace(*r[:2])) for r in (out["single"], out["sharded"])]
   np.testing.assert_allclose(deltas[1], deltas[0], rtol=5e-4)
   assert np.all(np.isfinite(deltas[0])) and np.all(np.asarray(out["single"][2]) == 6)
+
+
+@pytest.mark.parametrize("mode", ["joint", "blockwise"])
+def test_linearize_equals_fresh_jvp(setup, mode):
+  """``hvp="linearize"`` (one gradient pass per batch, the stored linear map applied to every probe)
+  gives the same traces, sigmas and sample counts as a fresh ``jax.jvp(jax.grad)`` per probe."""
+  models, batch = setup
+  model, variables = models["ewgs"]
+  args = (variables["params"], variables["batch_stats"], variables["quant_state"], batch, jax.random.key(5))
+  out = {hvp: jax.jit(hessian.trace_fn(model, mode=mode, max_samples=7, tolerance=1e-2, hvp=hvp))(*args)
+         for hvp in hessian.HVP_METHODS}
+  for a, b in zip(out["linearize"], out["jvp"]):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-8)
+  assert np.all(np.asarray(out["linearize"][0]) != 0)
+  with pytest.raises(ValueError, match="linearize"):
+    hessian.trace_fn(model, hvp="hvp")
