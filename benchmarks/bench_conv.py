@@ -6,15 +6,22 @@
 For each 3x3 layer shape of ResNet-20 at batch 256, times (jitted, interleaved medians) the
 weight gradient (VJP with respect to the kernel only) with XLA's convolution transpose and with
 the per-tap formulation of :mod:`ewgs_jax.ops`, and the full VJP (input and weight gradients).
-Then, in the same process, the real jitted W2A2 (EWGS) ResNet-20 ``train_step`` at the same batch
-with ``conv_impl`` xla vs fast, and, if ``--torch-python`` and ``--ewgs-src`` are given, the official
-PyTorch EWGS W2A2 ResNet-20 step (forward, backward, both Adam steps; run from a scratch checkout of
-cvlab-yonsei/EWGS in a subprocess, so nothing of it lives in this repository). The torch step runs
-after the JAX steps, not interleaved: compare it against the JAX medians printed just before.
+Then the real jitted W2A2 (EWGS) ResNet-20 ``train_step`` at the same batch, each configuration
+alone in a fresh subprocess as a training run would be (the allocator tuning must precede the
+backend, and two executables interleaved in one process share and fragment its heap): conv xla
+and fast with the host allocator tuned (:mod:`ewgs_jax.hostmem`, what ``train.py`` does on CPU),
+and conv xla with glibc's defaults.
+If ``--torch-python`` and ``--ewgs-src`` are given, also the official PyTorch EWGS W2A2 ResNet-20
+step (forward, backward, both Adam steps; run from a scratch checkout of cvlab-yonsei/EWGS in a
+subprocess, so nothing of it lives in this repository), as the official code runs (glibc defaults)
+and with the same allocator settings given through the environment, for a like-for-like ratio.
+The five subprocesses run one after another, ``--rounds`` times in turn; medians over rounds (the
+2-core VMs this was written on vary by up to ~1.8x from process to process, so use several).
 """
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -86,8 +93,12 @@ def grads(impl, x, w, g, stride, what):
   return lambda: fn(x, w, g)
 
 
-def train_steps(batch_size: int, repeats: int) -> dict[str, float]:
-  """Median seconds of the real jitted W2A2 EWGS ResNet-20 train step, conv xla vs fast."""
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647",
+              "MALLOC_TOP_PAD_": "268435456"}   # = ewgs_jax.hostmem.SETTINGS, for a process we do not control
+
+
+def train_step_time(batch_size: int, repeats: int, impl: str) -> float:
+  """Median seconds of the real jitted W2A2 EWGS ResNet-20 train step with conv ``impl``."""
   import numpy as np
   from bench_resnet20 import make_case
   from ewgs_jax import parallel
@@ -95,26 +106,38 @@ def train_steps(batch_size: int, repeats: int) -> dict[str, float]:
   rng = np.random.default_rng(0)
   batch = parallel.shard_batch({"image": rng.normal(size=(batch_size, 32, 32, 3)).astype(np.float32),
                                 "label": rng.integers(0, 10, batch_size).astype(np.int32)}, mesh)
-  fns = {}
-  for impl in ("xla", "fast"):
-    with ops.conv_impl(impl):
-      fns[impl] = make_case("ewgs", batch, mesh)
-      jax.block_until_ready(fns[impl]())   # compile under the chosen implementation
-  return time_interleaved(fns, repeats=repeats)
+  with ops.conv_impl(impl):
+    run = make_case("ewgs", batch, mesh)
+    jax.block_until_ready(run())   # compile under the chosen implementation
+  return time_interleaved({impl: run}, repeats=repeats)[impl]
 
 
-def torch_step(torch_python: str, ewgs_src: str, batch_size: int, repeats: int) -> float:
+def _clean_env(tuned_malloc: bool) -> dict[str, str]:
+  env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
+  return env | MALLOC_ENV if tuned_malloc else env
+
+
+def torch_step(torch_python: str, ewgs_src: str, batch_size: int, repeats: int, tuned_malloc: bool) -> float:
   """Median seconds of the official PyTorch EWGS W2A2 ResNet-20 step, in a subprocess."""
   with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
     f.write(TORCH_DRIVER)
   result = subprocess.run([torch_python, f.name, ewgs_src, str(batch_size), str(repeats)], capture_output=True,
-                          text=True)
+                          text=True, env=_clean_env(tuned_malloc))
   os.unlink(f.name)
   if result.returncode != 0:   # e.g. the official code also needs numpy in the torch venv
     raise RuntimeError(f"torch driver failed:\n{result.stderr[-3000:]}")
-  out = result.stdout
-  print(out.strip().splitlines()[0])
-  return float(out.split("TORCH_STEP_MEDIAN_S")[1])
+  return float(result.stdout.split("TORCH_STEP_MEDIAN_S")[1])
+
+
+def jax_step(batch_size: int, repeats: int, impl: str, host_allocator: str) -> float:
+  """``train_step_time`` in a fresh subprocess whose host allocator is set before JAX starts."""
+  cmd = [sys.executable, os.path.abspath(__file__), "--steps-only", host_allocator, "--conv", impl,
+         "--batch", str(batch_size), "--step-repeats", str(repeats)]
+  env = _clean_env(False) | {"EWGS_BENCH_HOST_ALLOCATOR": host_allocator}   # read by common.py at import
+  result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+  if result.returncode != 0:
+    raise RuntimeError(f"step subprocess failed:\n{result.stderr[-3000:]}")
+  return float(result.stdout.split("STEP_MEDIAN_S")[1])
 
 
 def main():
@@ -125,7 +148,15 @@ def main():
   parser.add_argument("--skip-layers", action="store_true")
   parser.add_argument("--torch-python", default=None)
   parser.add_argument("--ewgs-src", default=None, help="scratch checkout of cvlab-yonsei/EWGS")
+  parser.add_argument("--rounds", type=int, default=2)
+  parser.add_argument("--steps-only", choices=("tuned", "system"), help=argparse.SUPPRESS)   # subprocess mode
+  parser.add_argument("--conv", choices=("xla", "fast"), default="xla", help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.steps_only:
+    from ewgs_jax import hostmem
+    assert hostmem.tune(args.steps_only) == (args.steps_only == "tuned"), "set by common.py at import"
+    print("STEP_MEDIAN_S", train_step_time(args.batch, args.step_repeats, args.conv))
+    return
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, batch {args.batch}")
   print(f"{'layer (HxW, cin->cout, stride)':<32} {'xla dW ms':>10} {'fast dW ms':>11} {'ratio':>7} "
         f"{'xla dX+dW':>10} {'fast dX+dW':>11} {'ratio':>7}")
@@ -140,13 +171,25 @@ def main():
           f"{m['fast-weight'] / m['xla-weight']:>7.2f} {m['xla-both'] * 1e3:>10.1f} {m['fast-both'] * 1e3:>11.1f} "
           f"{m['fast-both'] / m['xla-both']:>7.2f}")
 
-  steps = train_steps(args.batch, args.step_repeats)
-  print(f"\nW2A2 EWGS ResNet-20 train step, batch {args.batch}: conv xla {steps['xla']:.3f} s, "
-        f"fast {steps['fast']:.3f} s, fast/xla {steps['fast'] / steps['xla']:.2f}")
-  if args.torch_python and args.ewgs_src:
-    t = torch_step(args.torch_python, args.ewgs_src, args.batch, args.step_repeats)
-    print(f"official PyTorch EWGS W2A2 step {t:.3f} s; ours/torch: conv xla {steps['xla'] / t:.2f}, "
-          f"fast {steps['fast'] / t:.2f}")
+  torch = bool(args.torch_python and args.ewgs_src)
+  runs: dict[str, list[float]] = {}
+  for _ in range(args.rounds):
+    for impl, alloc in (("xla", "tuned"), ("fast", "tuned"), ("xla", "system")):
+      runs.setdefault(f"ours, conv {impl}, malloc {alloc}", []).append(
+          jax_step(args.batch, args.step_repeats, impl, alloc))
+    for alloc in ("system", "tuned") if torch else ():
+      runs.setdefault(f"official torch, malloc {alloc}", []).append(
+          torch_step(args.torch_python, args.ewgs_src, args.batch, args.step_repeats, alloc == "tuned"))
+  med = {name: statistics.median(v) for name, v in runs.items()}
+  print(f"\nW2A2 EWGS ResNet-20 train step, batch {args.batch} (median over {args.rounds} rounds of "
+        f"{args.step_repeats}-step medians)")
+  ref = {alloc: med.get(f"official torch, malloc {alloc}") for alloc in ("system", "tuned")}
+  print(f"{'case':<34} {'s/step':>8} {'/ torch same malloc':>20} {'/ torch as shipped':>19}")
+  for name, seconds in med.items():
+    alloc = name.rsplit(" ", 1)[1]
+    same = f"{seconds / ref[alloc]:.2f}" if ref[alloc] else "-"
+    shipped = f"{seconds / ref['system']:.2f}" if ref["system"] else "-"
+    print(f"{name:<34} {seconds:>8.3f} {same:>20} {shipped:>19}")
 
 
 if __name__ == "__main__":

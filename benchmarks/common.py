@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Callable
 
-import jax
+from ewgs_jax import hostmem
+
+# As train.py does on CPU: before JAX starts, keep freed buffers mapped (see ewgs_jax.hostmem).
+# EWGS_BENCH_HOST_ALLOCATOR=system measures glibc's defaults instead.
+hostmem.tune(os.environ.get("EWGS_BENCH_HOST_ALLOCATOR", "auto"))
+
+import jax  # noqa: E402
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 1) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """A convolution whose weight gradient is fast on XLA:CPU (DESIGN.md, "Measured facts").
 
-XLA:CPU computes convolution *weight* gradients very slowly (a 3x3 16->16 conv on 256x32x32x16:
-~17 ms forward, ~14 ms input gradient, ~410 ms weight gradient). :func:`conv_general_dilated`
+XLA:CPU computes convolution *weight* gradients slowly: DESIGN.md measured ~410 ms for a 3x3
+16->16 conv on 256x32x32x16 (forward ~17 ms); on jax 0.10.2 we measure ~100-170 ms, still 3-6x
+its forward and 2-4x PyTorch's oneDNN (``benchmarks/README.md``). :func:`conv_general_dilated`
 has the signature of ``jax.lax.conv_general_dilated``; for NHWC/HWIO convolutions without
 dilation it uses a ``jax.custom_vjp`` whose
 
