@@ -31,7 +31,7 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import time_interleaved  # noqa: E402
 
-from ewgs_jax import ops  # noqa: E402
+from ewgs_jax import hostmem, ops  # noqa: E402
 
 # (spatial, in channels, out channels, stride) of ResNet-20's 3x3 convolutions
 SHAPES = [(32, 16, 16, 1), (32, 16, 32, 2), (16, 32, 32, 1), (16, 32, 64, 2), (8, 64, 64, 1)]
@@ -93,10 +93,6 @@ def grads(impl, x, w, g, stride, what):
   return lambda: fn(x, w, g)
 
 
-MALLOC_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647",
-              "MALLOC_TOP_PAD_": "268435456"}   # = ewgs_jax.hostmem.SETTINGS, for a process we do not control
-
-
 def train_step_time(batch_size: int, repeats: int, impl: str) -> float:
   """Median seconds of the real jitted W2A2 EWGS ResNet-20 train step with conv ``impl``."""
   import numpy as np
@@ -113,8 +109,9 @@ def train_step_time(batch_size: int, repeats: int, impl: str) -> float:
 
 
 def _clean_env(tuned_malloc: bool) -> dict[str, str]:
-  env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
-  return env | MALLOC_ENV if tuned_malloc else env
+  """This environment without glibc malloc settings, plus ``hostmem.ENV`` if ``tuned_malloc``."""
+  env = {k: v for k, v in os.environ.items() if k not in hostmem.ENV}
+  return env | hostmem.ENV if tuned_malloc else env
 
 
 def torch_step(torch_python: str, ewgs_src: str, batch_size: int, repeats: int, tuned_malloc: bool) -> float:
@@ -153,7 +150,6 @@ def main():
   parser.add_argument("--conv", choices=("xla", "fast"), default="xla", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.steps_only:
-    from ewgs_jax import hostmem
     assert hostmem.tune(args.steps_only) == (args.steps_only == "tuned"), "set by common.py at import"
     print("STEP_MEDIAN_S", train_step_time(args.batch, args.step_repeats, args.conv))
     return

@@ -14,6 +14,8 @@ from typing import Any
 import ml_collections
 
 from ewgs_jax.estimators import ESTIMATORS, MAX_BITS, MIN_BITS
+from ewgs_jax.hessian import HVP_METHODS
+from ewgs_jax.hostmem import MODES as HOST_ALLOCATORS
 from ewgs_jax.replacement import GRANULARITIES
 from ewgs_jax.schedules import MU_SCHEDULES, RATE_SCHEDULES
 
@@ -22,7 +24,6 @@ OPTIMIZERS = ("adam", "sgd")
 DELTA_MODES = ("hessian", "fixed", "off")
 HESSIAN_MODES = ("joint", "blockwise")
 CONV_IMPLS = ("auto", "xla", "fast")
-HOST_ALLOCATORS = ("auto", "tuned", "system")   # = ewgs_jax.hostmem.MODES
 LR_SCHEDULES = ("cosine", "constant")
 
 
@@ -160,7 +161,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.quant.{name}={bits!r} is invalid; valid choices: integers {MIN_BITS}..{MAX_BITS}")
   _choice("delta.mode", config.delta.mode, DELTA_MODES)
   _choice("delta.hessian_mode", config.delta.hessian_mode, HESSIAN_MODES)
-  _choice("delta.hvp", config.delta.hvp, ("linearize", "jvp"))   # = hessian.HVP_METHODS
+  _choice("delta.hvp", config.delta.hvp, HVP_METHODS)
   _choice("pege.rate_schedule", config.pege.rate_schedule, sorted(RATE_SCHEDULES))
   _choice("pege.mu_schedule", config.pege.mu_schedule, sorted(MU_SCHEDULES))
   _choice("pege.granularity", config.pege.granularity, GRANULARITIES)

@@ -33,6 +33,10 @@ import sys
 # glibc <malloc.h> mallopt parameters
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
 SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 256 << 20))
+# The same settings as glibc's environment variables, for a process started from outside.
+_ENV_NAMES = {_M_ARENA_MAX: "MALLOC_ARENA_MAX", _M_MMAP_MAX: "MALLOC_MMAP_MAX_",
+              _M_TRIM_THRESHOLD: "MALLOC_TRIM_THRESHOLD_", _M_TOP_PAD: "MALLOC_TOP_PAD_"}
+ENV = {_ENV_NAMES[param]: str(value) for param, value in SETTINGS}
 MODES = ("auto", "tuned", "system")
 # Installed accelerator plugins: with one of them, 'auto' leaves the allocator alone (the host
 # side of a GPU/TPU run is not where its time goes, and it may run many host threads).

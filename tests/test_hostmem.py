@@ -37,7 +37,7 @@ print(applied, sorted(faults[2:])[5])
 
 def _faults(mode: str) -> tuple[bool, int]:
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  for name in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"):
+  for name in hostmem.ENV:
     env.pop(name, None)
   out = subprocess.run([sys.executable, "-c", PROBE, mode], env=env, capture_output=True, text=True, check=True)
   applied, faults = out.stdout.split()
