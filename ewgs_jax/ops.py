@@ -7,7 +7,8 @@ has the signature of ``jax.lax.conv_general_dilated``; for NHWC/HWIO convolution
 dilation it uses a ``jax.custom_vjp`` whose
 
 * forward is ``lax.conv_general_dilated`` itself,
-* input gradient is XLA's (the transposed convolution, already fast),
+* input gradient is the transposed convolution written as a canonical forward convolution
+  (flipped kernel, channels swapped, output gradient dilated by the strides),
 * weight gradient is a sum over the kernel taps: for tap ``(i, j)``, the strided slice of the
   padded input that the tap sees, contracted with the output gradient over batch and space
   (one matmul per tap; grouped convolutions contract per group; depthwise ones, with one input
@@ -19,7 +20,8 @@ gives the second derivatives of ``lax.conv_general_dilated``. Everything else (o
 dilation, ``batch_group_count``) falls back to ``lax.conv_general_dilated``.
 
 Selection: ``set_conv_impl("auto" | "xla" | "fast")`` (``config.conv_impl``); ``auto`` uses the
-custom rule on the CPU backend only, since cuDNN and TPU convolutions are already fast.
+custom rule on the CPU backend only, since cuDNN and TPU convolutions are already fast: for
+grouped and depthwise convolutions, and for all of them when traced under :func:`inside_loops`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from jax import lax
 
 IMPLS = ("auto", "xla", "fast")
 _IMPL = "auto"
+_IN_LOOPS = False
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -56,16 +59,37 @@ def conv_impl(impl: str):
     set_conv_impl(previous)
 
 
+@contextlib.contextmanager
+def inside_loops():
+  """Marks convolutions traced within as ones that will run inside a ``lax`` loop body
+  (``while_loop``, ``fori_loop``, ``scan``, ``map``): there ``auto`` picks the custom rule on CPU
+  for every supported convolution, dense ones included.
+
+  Why: XLA:CPU rewrites the convolutions of a gradient (weight gradients, reversed-kernel input
+  gradients) into its fast kernels only at the top level of a program; in a loop body they stay
+  naive loop nests (a 3x3 16->16 weight gradient at batch 32: 13 ms at top level, 410 ms in a
+  ``fori_loop``; ``benchmarks/bench_conv.py``). The custom rule is built from forward convolutions
+  and matmuls, which stay fast there. The Hessian estimate traces its sample loop under this.
+  """
+  global _IN_LOOPS
+  previous, _IN_LOOPS = _IN_LOOPS, True
+  try:
+    yield
+  finally:
+    _IN_LOOPS = previous
+
+
 def selected_impl(feature_group_count: int = 1) -> str:
   """The implementation a supported convolution traced now would use: ``"fast"`` or ``"xla"``.
 
-  ``auto`` picks the custom rule on the CPU backend for grouped and depthwise convolutions only:
-  measured with ``benchmarks/bench_conv.py`` on jax 0.10.2 / 2 cores, its depthwise weight gradient
-  is ~8x faster than XLA's, while for ordinary convolutions XLA's was as fast or faster (the
-  ~410 ms XLA figure that motivated the custom rule did not reproduce).
+  ``auto`` picks the custom rule on the CPU backend for grouped and depthwise convolutions, and
+  for all convolutions under :func:`inside_loops`: measured with ``benchmarks/bench_conv.py`` on
+  jax 0.10.2 / 2 cores, its depthwise weight gradient is ~8x faster than XLA's, while at the top
+  level of a program XLA's ordinary convolutions were as fast or faster (the ~410 ms XLA figure
+  that motivated the custom rule did not reproduce there; it does inside loop bodies).
   """
   if _IMPL == "auto":
-    return "fast" if jax.default_backend() == "cpu" and feature_group_count > 1 else "xla"
+    return "fast" if jax.default_backend() == "cpu" and (feature_group_count > 1 or _IN_LOOPS) else "xla"
   return _IMPL
 
 
@@ -128,10 +152,31 @@ def _conv_fwd(x, w, strides, padding, groups):
   return _forward(x, w, strides, padding, groups), (x, w)
 
 
+def _input_gradient(g, w, input_spatial, strides, padding, groups):
+  """dL/dx as a forward convolution in the canonical NHWC/HWIO form: the output gradient, dilated
+  by the strides, convolved with the spatially flipped kernel whose in/out channels are swapped
+  within each group.
+
+  Why not ``jax.vjp`` of the forward: JAX's transpose rule emits a convolution with a reversed,
+  ``01oi`` kernel that XLA:CPU rewrites into its fast kernel only at the top level of a program;
+  inside a ``while`` body (the Hessian estimate's sample loop) it stays a naive loop nest, 10-40x
+  slower (``benchmarks/bench_conv.py``, "inside a loop"). Built from a convolution, the rule stays
+  differentiable (its JVP is again a canonical convolution).
+  """
+  kh, kw, cin_group, cout = w.shape
+  w = jnp.flip(w, (0, 1)).reshape(kh, kw, cin_group, groups, cout // groups)
+  w = w.transpose(0, 1, 4, 3, 2).reshape(kh, kw, cout // groups, groups * cin_group)
+  pads = []
+  for size, k, s, (lo, _), out in zip(input_spatial, (kh, kw), strides, padding, g.shape[1:3]):
+    lo_t = k - 1 - lo
+    pads.append((lo_t, size + k - 1 - lo_t - ((out - 1) * s + 1)))
+  return lax.conv_general_dilated(g, w, (1, 1), pads, lhs_dilation=strides, dimension_numbers=NHWC,
+                                  feature_group_count=groups)
+
+
 def _conv_bwd(strides, padding, groups, residuals, g):
   x, w = residuals
-  _, input_vjp = jax.vjp(lambda x_: _forward(x_, w, strides, padding, groups), x)
-  dx = input_vjp(g)[0]
+  dx = _input_gradient(g, w, x.shape[1:3], strides, padding, groups).astype(x.dtype)
   dw = _weight_gradient(x, g, w.shape, strides, padding, groups).astype(w.dtype)
   return dx, dw
 

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from ewgs_jax import hessian, layers
-from ewgs_jax.layers import QuantConfig, QuantDense, QuantizerSpec
+from ewgs_jax import hessian, layers, ops
+from ewgs_jax.layers import QuantConfig, QuantConv, QuantDense, QuantizerSpec
+from tests import test_ops
 
 
 class TinyMLP(nn.Module):
@@ -275,3 +276,38 @@ def test_linearize_equals_fresh_jvp(setup, mode):
   assert np.all(np.asarray(out["linearize"][0]) != 0)
   with pytest.raises(ValueError, match="linearize"):
     hessian.trace_fn(model, hvp="hvp")
+
+
+class TinyConvNet(nn.Module):
+  """A strided and a stride-1 quantized convolution with BatchNorm, then a quantized classifier."""
+  quant: QuantConfig
+
+  @nn.compact
+  def __call__(self, x, train=False, ctx=None):
+    x = QuantConv(4, strides=(2, 2), quant=self.quant, name="c1")(x, ctx)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(x))
+    x = nn.relu(QuantConv(4, quant=self.quant, name="c2")(x, ctx))
+    return QuantDense(3, quant=self.quant, name="fc")(x.mean((1, 2)), ctx)
+
+
+def test_estimate_of_a_conv_net_keeps_convolutions_fast_inside_its_sample_loop():
+  """With ``conv_impl="auto"`` the estimate is traced under ``ops.inside_loops``: on CPU every
+  convolution of the compiled estimate (gradient pass and the HVPs in the while loop) is in the
+  canonical forward form XLA:CPU runs with its fast kernels, and the traces, sigmas and counts
+  equal those of an estimate forced onto XLA's own convolution gradients."""
+  model = TinyConvNet(quant("ewgs"))
+  x = jax.random.normal(jax.random.key(0), (4, 6, 6, 2))
+  variables = jax.jit(lambda k, x: layers.init_variables(model, k, x))(jax.random.key(1), x)
+  args = (variables["params"], variables["batch_stats"], variables["quant_state"],
+          {"image": x, "label": jnp.asarray([0, 1, 2, 1])}, jax.random.key(2))
+  out = {}
+  for impl in ("auto", "xla"):
+    with ops.conv_impl(impl):
+      estimate = jax.jit(hessian.trace_fn(model, mode="joint", max_samples=5, tolerance=0.0))
+      if impl == "auto" and jax.default_backend() == "cpu":
+        labels = test_ops.convolutions(estimate.lower(*args).compile().as_text())
+        assert len(labels) >= 8 and set(labels) == {"b01f_01io->b01f"}, labels
+      out[impl] = estimate(*args)
+  for a, b in zip(out["auto"], out["xla"]):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+  assert np.all(np.asarray(out["auto"][0]) != 0) and np.all(np.asarray(out["auto"][2]) == 5)

@@ -126,6 +126,45 @@ def test_switch_selects_what_it_says():
     ops.set_conv_impl("cudnn")
 
 
+def convolutions(compiled_hlo: str) -> list[str]:
+  """The ``dim_labels`` of every convolution instruction of a compiled XLA program."""
+  return [line.split("dim_labels=")[1].split(",")[0] for line in compiled_hlo.splitlines()
+          if " convolution(" in line]
+
+
+def test_inside_loops_keeps_every_convolution_of_a_loop_body_canonical():
+  """Under ``inside_loops`` (the Hessian sample loop), ``auto`` picks the custom rule on CPU, and a
+  forward-over-reverse product of a strided conv net in a ``fori_loop`` body compiles to
+  convolutions in the canonical forward form only (XLA:CPU does not rewrite other forms into its
+  fast kernels inside loop bodies), with the values of ``lax.conv_general_dilated``."""
+  x, w1 = inputs((2, 9, 9, 4), 3, 1, 6)
+  w2 = jax.random.normal(jax.random.key(2), (3, 3, 6, 5)) * 0.2
+
+  def loss(ws, x):
+    y = jnp.tanh(ops.conv_general_dilated(x, ws[0], (2, 2), "SAME", dimension_numbers=ops.NHWC))
+    return jnp.sum(jnp.tanh(ops.conv_general_dilated(y, ws[1], (1, 1), [(1, 2), (0, 1)],
+                                                     dimension_numbers=ops.NHWC)) ** 2)
+
+  def looped():   # a new function per use: JAX caches traces per function, across conv_impl settings
+    def run(ws, x, n):
+      hvp = lambda i, acc: jax.tree.map(jnp.add, acc, jax.jvp(jax.grad(loss), (ws, x * (1.0 + i)), (ws, x))[1])
+      return jax.lax.fori_loop(0, n, hvp, jax.tree.map(jnp.zeros_like, ws))
+    return jax.jit(run)
+
+  with ops.conv_impl("xla"):
+    expected = looped()((w1, w2), x, 2)
+  with ops.conv_impl("auto"), ops.inside_loops():
+    assert ops.selected_impl() == ("fast" if jax.default_backend() == "cpu" else "xla")
+    fn = looped()
+    if jax.default_backend() == "cpu":
+      labels = convolutions(fn.lower((w1, w2), x, 2).compile().as_text())
+      assert labels and set(labels) == {"b01f_01io->b01f"}, labels
+    got = fn((w1, w2), x, 2)
+  assert ops.selected_impl() == "xla"   # the marker ends with its block
+  for a, b in zip(got, expected):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 SHARDED_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
