@@ -5,7 +5,9 @@
 
 For each 3x3 layer shape of ResNet-20 at batch 256, times (jitted, interleaved medians) the
 weight gradient (VJP with respect to the kernel only) with XLA's convolution transpose and with
-the per-tap formulation of :mod:`ewgs_jax.ops`, and the full VJP (input and weight gradients).
+the per-tap formulation of :mod:`ewgs_jax.ops`, the full VJP (input and weight gradients), and the
+full VJP as the body of a ``fori_loop`` ("loop": XLA:CPU leaves gradient convolutions in loop
+bodies as naive loop nests; the Hessian estimate's samples run in one, ``ops.inside_loops``).
 Then the real jitted W2A2 (EWGS) ResNet-20 ``train_step`` at the same batch, each configuration
 alone in a fresh subprocess as a training run would be (the allocator tuning must precede the
 backend, and two executables interleaved in one process share and fragment its heap): conv xla
@@ -27,6 +29,7 @@ import sys
 import tempfile
 
 import jax
+import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import time_interleaved  # noqa: E402
@@ -87,8 +90,13 @@ def grads(impl, x, w, g, stride, what):
 
     if what == "weight":
       fn = jax.jit(lambda x, w, g: jax.vjp(lambda w_: conv(x, w_), w)[1](g)[0])
-    else:
+    elif what == "both":
       fn = jax.jit(lambda x, w, g: jax.vjp(conv, x, w)[1](g))
+    else:   # "loop": the full VJP as the body of a one-trip fori_loop (trip count unknown to XLA)
+      def looped(x, w, g, n):
+        body = lambda i, acc: jax.tree.map(jnp.add, acc, jax.vjp(conv, x, w)[1](g * (1.0 + i)))
+        return jax.lax.fori_loop(0, n, body, (jnp.zeros_like(x), jnp.zeros_like(w)))
+      fn = jax.jit(lambda x, w, g: looped(x, w, g, jnp.int32(1)))
     jax.block_until_ready(fn(x, w, g))   # compile under the chosen implementation
   return lambda: fn(x, w, g)
 
@@ -155,17 +163,18 @@ def main():
     return
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, batch {args.batch}")
   print(f"{'layer (HxW, cin->cout, stride)':<32} {'xla dW ms':>10} {'fast dW ms':>11} {'ratio':>7} "
-        f"{'xla dX+dW':>10} {'fast dX+dW':>11} {'ratio':>7}")
+        f"{'xla dX+dW':>10} {'fast dX+dW':>11} {'ratio':>7} {'xla loop':>10} {'fast loop':>11} {'ratio':>7}")
   for hw, cin, cout, stride in [] if args.skip_layers else SHAPES:
     keys = jax.random.split(jax.random.key(hw * cin + cout), 3)
     x = jax.random.normal(keys[0], (args.batch, hw, hw, cin))
     w = jax.random.normal(keys[1], (3, 3, cin, cout)) * 0.1
     g = jax.random.normal(keys[2], (args.batch, hw // stride, hw // stride, cout))
-    fns = {f"{impl}-{what}": grads(impl, x, w, g, stride, what) for what in ("weight", "both") for impl in ("xla", "fast")}
+    fns = {f"{impl}-{what}": grads(impl, x, w, g, stride, what)
+           for what in ("weight", "both", "loop") for impl in ("xla", "fast")}
     m = time_interleaved(fns, repeats=args.repeats)
-    print(f"{f'{hw}x{hw}, {cin}->{cout}, s{stride}':<32} {m['xla-weight'] * 1e3:>10.1f} {m['fast-weight'] * 1e3:>11.1f} "
-          f"{m['fast-weight'] / m['xla-weight']:>7.2f} {m['xla-both'] * 1e3:>10.1f} {m['fast-both'] * 1e3:>11.1f} "
-          f"{m['fast-both'] / m['xla-both']:>7.2f}")
+    print(f"{f'{hw}x{hw}, {cin}->{cout}, s{stride}':<32} "
+          + " ".join(f"{m['xla-' + what] * 1e3:>10.1f} {m['fast-' + what] * 1e3:>11.1f} "
+                     f"{m['fast-' + what] / m['xla-' + what]:>7.2f}" for what in ("weight", "both", "loop")))
 
   torch = bool(args.torch_python and args.ewgs_src)
   runs: dict[str, list[float]] = {}

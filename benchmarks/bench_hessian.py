@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import time_interleaved  # noqa: E402
 
-from ewgs_jax import hessian, layers, parallel, training  # noqa: E402
+from ewgs_jax import hessian, layers, ops, parallel, training  # noqa: E402
 from tests.training_configs import quickstart  # noqa: E402
 
 
@@ -119,9 +119,12 @@ def main():
         f"max {rel.max():.1%}; joint refresh-to-refresh spread (std/mean, median over quantizers) "
         f"{np.median(joint_deltas.std(0) / np.maximum(np.abs(joint_deltas.mean(0)), 1e-12)):.1%}")
 
-  fn = jax.jit(per_sample_values, static_argnums=(0, 4, 5))
-  joint = np.asarray(fn(model, variables, batches[0], jax.random.key(7), args.spread_samples, False))
-  block = np.asarray(fn(model, variables, batches[0], jax.random.key(8), args.spread_block_samples, True))
+  def values(key, samples, blockwise):   # traced as the estimate is: samples in a loop (ops.inside_loops)
+    with ops.inside_loops():
+      return np.asarray(jax.jit(per_sample_values, static_argnums=(0, 4, 5))(
+          model, variables, batches[0], key, samples, blockwise))
+  joint = values(jax.random.key(7), args.spread_samples, False)
+  block = values(jax.random.key(8), args.spread_block_samples, True)
   n = joint.shape[1]
   sd_joint, sd_block = joint.std(0, ddof=1), block.std(0, ddof=1)
   ratio = sd_joint / np.sqrt(n) / np.maximum(sd_block, 1e-30)
