@@ -29,10 +29,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import time_interleaved  # noqa: E402
+from common import cifar10_resnet20, time_interleaved  # noqa: E402
 
-from ewgs_jax import hessian, layers, ops, parallel, training  # noqa: E402
-from tests.training_configs import quickstart  # noqa: E402
+from ewgs_jax import hessian, layers, parallel, training  # noqa: E402
 
 
 def per_sample_values(model, variables, batch, key, samples: int, blockwise: bool):
@@ -57,6 +56,12 @@ def per_sample_values(model, variables, batch, key, samples: int, blockwise: boo
   return jax.lax.map(one_block, jnp.arange(n)).T
 
 
+def _rel(spread, mean):
+  """``spread / |mean|`` where the mean is nonzero (deltas clipped to 0 have no relative spread)."""
+  keep = np.abs(mean) > 0
+  return spread[keep] / np.abs(mean[keep]) if keep.any() else np.array([np.nan])
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--batch", type=int, default=256)
@@ -69,8 +74,7 @@ def main():
   parser.add_argument("--spread-block-samples", type=int, default=2)
   args = parser.parse_args()
   mesh = parallel.make_mesh()
-  config = quickstart("w2a2_ewgs")
-  config.model, config.dataset = "resnet20", "cifar10"
+  config = cifar10_resnet20("w2a2_ewgs")
   model = training.build_model(config, 10)
   rng = np.random.default_rng(0)
   batches = [parallel.shard_batch({"image": rng.normal(size=(args.batch, 32, 32, 3)).astype(np.float32),
@@ -114,29 +118,36 @@ def main():
           f" ({per_batch / step_time:.1f} per batch)", flush=True)
 
   joint_deltas, block_deltas, names = refresh["joint"][1], refresh["blockwise"][1][0], refresh["joint"][2]
-  rel = np.abs(joint_deltas.mean(0) - block_deltas) / np.maximum(np.abs(block_deltas), 1e-12)
-  print(f"delta, joint (mean of {args.repeats} refreshes) vs blockwise ({args.block_batches} batches): median relative difference {np.median(rel):.1%}, "
-        f"max {rel.max():.1%}; joint refresh-to-refresh spread (std/mean, median over quantizers) "
-        f"{np.median(joint_deltas.std(0) / np.maximum(np.abs(joint_deltas.mean(0)), 1e-12)):.1%}")
+  print(f"delta: joint refresh-to-refresh spread over {args.repeats} refreshes (std/mean, median over quantizers "
+        f"with a nonzero mean) {np.median(_rel(joint_deltas.std(0), joint_deltas.mean(0))):.1%}")
 
-  def values(key, samples, blockwise):   # traced as the estimate is: samples in a loop (ops.inside_loops)
-    with ops.inside_loops():
-      return np.asarray(jax.jit(per_sample_values, static_argnums=(0, 4, 5))(
-          model, variables, batches[0], key, samples, blockwise))
+  def values(key, samples, blockwise):
+    return np.asarray(jax.jit(per_sample_values, static_argnums=(0, 4, 5))(
+        model, variables, batches[0], key, samples, blockwise))
   joint = values(jax.random.key(7), args.spread_samples, False)
   block = values(jax.random.key(8), args.spread_block_samples, True)
   n = joint.shape[1]
   sd_joint, sd_block = joint.std(0, ddof=1), block.std(0, ddof=1)
-  ratio = sd_joint / np.sqrt(n) / np.maximum(sd_block, 1e-30)
-  mean = np.abs(joint.mean(0))
-  print(f"per-sample spread on one batch ({args.spread_samples} joint, {args.spread_block_samples} blockwise samples, "
-        f"{n} blocks): sd_joint/sd_block median {np.median(sd_joint / np.maximum(sd_block, 1e-30)):.2f}; "
-        f"standard error at equal time joint/blockwise median {np.median(ratio):.2f} (min {ratio.min():.2f}, "
-        f"max {ratio.max():.2f})")
+  se_joint, se_block = sd_joint / np.sqrt(len(joint)), sd_block / np.sqrt(len(block))
+  z = np.abs(joint.mean(0) - block.mean(0)) / np.sqrt(se_joint**2 + se_block**2)
+  print(f"per-sample Hutchinson values on one batch ({len(joint)} joint, {len(block)} blockwise samples, {n} blocks): "
+        f"sd_joint/sd_block median {np.median(sd_joint / sd_block):.2f}; joint vs blockwise mean |z| median "
+        f"{np.median(z):.2f}, {np.mean(z < 2):.0%} of blocks within 2 standard errors (both unbiased)")
+  ratio = (sd_joint / np.sqrt(n)) / sd_block
+  print(f"standard error at equal HVP count (a joint sample serves all {n} blocks) joint/blockwise: median "
+        f"{np.median(ratio):.2f} (min {ratio.min():.2f}, max {ratio.max():.2f})")
+  # Samples each estimator needs for a 10 % relative standard error of every block trace, priced at the
+  # measured cost of one HVP (the blockwise refresh's time per HVP) in training steps.
+  hvp_steps = refresh["blockwise"][0] / (n * args.block_samples * args.block_batches) / step_time
+  trace = np.abs((joint.mean(0) / se_joint**2 + block.mean(0) / se_block**2) / (1 / se_joint**2 + 1 / se_block**2))
+  need_joint, need_block = (sd_joint / (0.1 * trace))**2, (sd_block / (0.1 * trace))**2
+  print(f"one HVP = {hvp_steps:.2f} training steps; for a 10% relative standard error on one batch, joint needs "
+        f"{np.median(need_joint):.0f} samples for the median block and {need_joint.max():.0f} for all blocks "
+        f"({need_joint.max() * hvp_steps:.0f} training steps); blockwise needs {np.median(need_block):.0f} per median block "
+        f"and {need_block.sum():.0f} HVPs for all blocks ({need_block.sum() * hvp_steps:.0f} training steps)")
   k = args.batches * args.joint_samples
   print(f"relative standard error of the joint trace with {k} samples (the timed joint refresh): median "
-        f"{np.median(sd_joint / np.sqrt(k) / np.maximum(mean, 1e-30)):.1%}, max "
-        f"{np.max(sd_joint / np.sqrt(k) / np.maximum(mean, 1e-30)):.1%}")
+        f"{np.median(sd_joint / np.sqrt(k) / trace):.1%}, max {np.max(sd_joint / np.sqrt(k) / trace):.1%}")
   print(f"{'quantizer':<34} {'delta joint':>11} {'+-':>8} {'blockwise':>10} {'trace/N':>10} {'sd joint':>9} {'sd block':>9}")
   for i, name in enumerate(names):
     print(f"{name:<34} {joint_deltas.mean(0)[i]:>11.4g} {joint_deltas.std(0)[i]:>8.2g} {block_deltas[i]:>10.4g} "
