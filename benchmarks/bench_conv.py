@@ -7,12 +7,12 @@ For each 3x3 layer shape of ResNet-20 at batch 256, times (jitted, interleaved m
 weight gradient (VJP with respect to the kernel only) with XLA's convolution transpose and with
 the per-tap formulation of :mod:`ewgs_jax.ops`, the full VJP (input and weight gradients), and the
 full VJP as the body of a ``fori_loop`` ("loop": XLA:CPU leaves gradient convolutions in loop
-bodies as naive loop nests; the Hessian estimate's samples run in one, ``ops.inside_loops``).
+bodies as naive loop nests; the Hessian estimate's samples run in one).
 Then the real jitted W2A2 (EWGS) ResNet-20 ``train_step`` at the same batch, each configuration
 alone in a fresh subprocess as a training run would be (the allocator tuning must precede the
 backend, and two executables interleaved in one process share and fragment its heap): conv xla
 and fast with the host allocator tuned (:mod:`ewgs_jax.hostmem`, what ``train.py`` does on CPU),
-and conv xla with glibc's defaults.
+and conv fast (the CPU default) with glibc's defaults.
 If ``--torch-python`` and ``--ewgs-src`` are given, also the official PyTorch EWGS W2A2 ResNet-20
 step (forward, backward, both Adam steps; run from a scratch checkout of cvlab-yonsei/EWGS in a
 subprocess, so nothing of it lives in this repository), as the official code runs (glibc defaults)
@@ -179,7 +179,7 @@ def main():
   torch = bool(args.torch_python and args.ewgs_src)
   runs: dict[str, list[float]] = {}
   for _ in range(args.rounds):
-    for impl, alloc in (("xla", "tuned"), ("fast", "tuned"), ("xla", "system")):
+    for impl, alloc in (("xla", "tuned"), ("fast", "tuned"), ("fast", "system")):
       runs.setdefault(f"ours, conv {impl}, malloc {alloc}", []).append(
           jax_step(args.batch, args.step_repeats, impl, alloc))
     for alloc in ("system", "tuned") if torch else ():

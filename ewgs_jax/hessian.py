@@ -29,8 +29,9 @@ stops after two samples whenever the trace is negative). Several batches are ave
 reference does: ``delta = max(0, mean_batches((Tr/N) / (3 sigma)))``.
 
 Convolutions: the samples run in a ``lax.while_loop``, where XLA:CPU leaves gradient convolutions
-as naive loop nests; the estimate is traced under :func:`ewgs_jax.ops.inside_loops`, so with
-``conv_impl="auto"`` it uses the custom-VJP convolution on CPU (a forced ``"xla"`` is honoured).
+as naive loop nests (~100x slower); with ``conv_impl="auto"`` the model's convolutions are the
+custom-VJP ones of :mod:`ewgs_jax.ops` on CPU, which stay fast there. Forcing ``"xla"`` on CPU
+makes the estimate ~20x slower.
 
 Deliberate deviation: BatchNorm uses batch statistics during the estimate (as the reference, in
 train mode) but its running statistics are *not* updated (the reference's estimate changes them).
@@ -48,7 +49,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ewgs_jax import ops
 
 log = logging.getLogger(__name__)
 PROBE_TO_DELTA = {"w_q": "delta_w", "a_q": "delta_a"}
@@ -162,10 +162,6 @@ def trace_fn(model, *, mode: str = "joint", max_samples: int = 50, tolerance: fl
     raise ValueError(f"unknown HVP method {hvp!r}; valid choices: {list(HVP_METHODS)}")
 
   def estimate(params, batch_stats, quant_state, batch, key):
-    with ops.inside_loops():   # the HVPs run in a while loop: keep XLA:CPU's convolutions fast there
-      return _estimate(params, batch_stats, quant_state, batch, key)
-
-  def _estimate(params, batch_stats, quant_state, batch, key):
     variables = {"params": params, "quant_state": quant_state}
     if batch_stats is not None:
       variables["batch_stats"] = batch_stats

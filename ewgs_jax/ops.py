@@ -20,8 +20,8 @@ gives the second derivatives of ``lax.conv_general_dilated``. Everything else (o
 dilation, ``batch_group_count``) falls back to ``lax.conv_general_dilated``.
 
 Selection: ``set_conv_impl("auto" | "xla" | "fast")`` (``config.conv_impl``); ``auto`` uses the
-custom rule on the CPU backend only, since cuDNN and TPU convolutions are already fast: for
-grouped and depthwise convolutions, and for all of them when traced under :func:`inside_loops`.
+custom rule on the CPU backend only, since cuDNN and TPU convolutions are already fast
+(:func:`selected_impl` gives the measurements).
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from jax import lax
 
 IMPLS = ("auto", "xla", "fast")
 _IMPL = "auto"
-_IN_LOOPS = False
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -59,37 +58,21 @@ def conv_impl(impl: str):
     set_conv_impl(previous)
 
 
-@contextlib.contextmanager
-def inside_loops():
-  """Marks convolutions traced within as ones that will run inside a ``lax`` loop body
-  (``while_loop``, ``fori_loop``, ``scan``, ``map``): there ``auto`` picks the custom rule on CPU
-  for every supported convolution, dense ones included.
-
-  Why: XLA:CPU rewrites the convolutions of a gradient (weight gradients, reversed-kernel input
-  gradients) into its fast kernels only at the top level of a program; in a loop body they stay
-  naive loop nests (a 3x3 16->16 weight gradient at batch 32: 13 ms at top level, 410 ms in a
-  ``fori_loop``; ``benchmarks/bench_conv.py``). The custom rule is built from forward convolutions
-  and matmuls, which stay fast there. The Hessian estimate traces its sample loop under this.
-  """
-  global _IN_LOOPS
-  previous, _IN_LOOPS = _IN_LOOPS, True
-  try:
-    yield
-  finally:
-    _IN_LOOPS = previous
-
-
 def selected_impl(feature_group_count: int = 1) -> str:
   """The implementation a supported convolution traced now would use: ``"fast"`` or ``"xla"``.
 
-  ``auto`` picks the custom rule on the CPU backend for grouped and depthwise convolutions, and
-  for all convolutions under :func:`inside_loops`: measured with ``benchmarks/bench_conv.py`` on
-  jax 0.10.2 / 2 cores, its depthwise weight gradient is ~8x faster than XLA's, while at the top
-  level of a program XLA's ordinary convolutions were as fast or faster (the ~410 ms XLA figure
-  that motivated the custom rule did not reproduce there; it does inside loop bodies).
+  ``auto`` picks the custom rule on the CPU backend, XLA's convolution elsewhere (cuDNN and TPU
+  convolutions are already fast). Measured with ``benchmarks/bench_conv.py`` (jax 0.10.2, 2-core
+  CPU VMs, batch 256): the custom weight gradient took 0.38-0.91x XLA's time for every 3x3 layer
+  shape of ResNet-20 on one VM and 0.39-1.01x on another, the depthwise one ~0.12x; and inside a
+  loop body (``while_loop``, ``fori_loop``, ``scan``: the Hessian estimate's samples, a scanned
+  model) XLA:CPU does not rewrite gradient convolutions into its fast kernels at all and they run
+  as naive loop nests, ~100x slower, while the custom rule, built from forward convolutions and
+  matmuls, stays fast. ``feature_group_count`` is accepted for callers that select per layer.
   """
+  del feature_group_count   # every supported convolution gets the same choice
   if _IMPL == "auto":
-    return "fast" if jax.default_backend() == "cpu" and (feature_group_count > 1 or _IN_LOOPS) else "xla"
+    return "fast" if jax.default_backend() == "cpu" else "xla"
   return _IMPL
 
 

@@ -291,10 +291,10 @@ class TinyConvNet(nn.Module):
 
 
 def test_estimate_of_a_conv_net_keeps_convolutions_fast_inside_its_sample_loop():
-  """With ``conv_impl="auto"`` the estimate is traced under ``ops.inside_loops``: on CPU every
-  convolution of the compiled estimate (gradient pass and the HVPs in the while loop) is in the
-  canonical forward form XLA:CPU runs with its fast kernels, and the traces, sigmas and counts
-  equal those of an estimate forced onto XLA's own convolution gradients."""
+  """With ``conv_impl="auto"`` on CPU every convolution of the compiled estimate (gradient pass and
+  the HVPs in the while loop) is in the canonical forward form XLA:CPU runs with its fast kernels,
+  and the traces, sigmas and counts equal those of an estimate forced onto XLA's own convolution
+  gradients."""
   model = TinyConvNet(quant("ewgs"))
   x = jax.random.normal(jax.random.key(0), (4, 6, 6, 2))
   variables = jax.jit(lambda k, x: layers.init_variables(model, k, x))(jax.random.key(1), x)
