@@ -3,7 +3,7 @@
 
     python benchmarks/bench_hessian.py [--batch 256] [--batches 3] [--joint-samples 3]
         [--block-samples 1] [--block-batches 1] [--repeats 3] [--spread-samples 32]
-        [--spread-block-samples 2]
+        [--spread-block-samples 2] [--init-from FP_WORKDIR] [--data-dir TFDS_DIR]
 
 1. Train step: ``training.make_steps``' jitted step (value_and_grad + optimizer update).
 2. Refresh cost: ``DeltaRefreshPolicy.refresh`` over ``--batches`` batches, no early stop, with
@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import cifar10_resnet20, time_interleaved  # noqa: E402
 
-from ewgs_jax import hessian, layers, parallel, training  # noqa: E402
+from ewgs_jax import checkpoints, data, hessian, layers, parallel, training  # noqa: E402
 
 
 def per_sample_values(model, variables, batch, key, samples: int, blockwise: bool):
@@ -72,15 +72,28 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--spread-samples", type=int, default=32)
   parser.add_argument("--spread-block-samples", type=int, default=2)
+  parser.add_argument("--init-from", default=None,
+                      help="workdir of a trained full-precision CIFAR-10 ResNet-20 run: warm start from it, as the "
+                           "reference starts QAT (default: random initialisation)")
+  parser.add_argument("--data-dir", default=None,
+                      help="tfds data_dir with CIFAR-10 prepared: real training batches (default: random images)")
   args = parser.parse_args()
   mesh = parallel.make_mesh()
   config = cifar10_resnet20("w2a2_ewgs")
   model = training.build_model(config, 10)
-  rng = np.random.default_rng(0)
-  batches = [parallel.shard_batch({"image": rng.normal(size=(args.batch, 32, 32, 3)).astype(np.float32),
-                                   "label": rng.integers(0, 10, args.batch).astype(np.int32)}, mesh)
-             for _ in range(args.batches)]
-  variables = jax.jit(lambda k, x: layers.init_variables(model, k, x))(jax.random.key(0), batches[0]["image"])
+  if args.data_dir:
+    train = data.make_train_iterator("cifar10", global_batch_size=args.batch, seed=0, data_dir=args.data_dir)
+    batches = [parallel.shard_batch(train.batch_at(0, i), mesh) for i in range(args.batches)]
+  else:
+    rng = np.random.default_rng(0)
+    batches = [parallel.shard_batch({"image": rng.normal(size=(args.batch, 32, 32, 3)).astype(np.float32),
+                                     "label": rng.integers(0, 10, args.batch).astype(np.int32)}, mesh)
+               for _ in range(args.batches)]
+  if args.init_from:
+    fp_variables = checkpoints.load_variables(args.init_from)
+    variables = jax.jit(lambda k, x: layers.warm_start(model, fp_variables, k, x))(jax.random.key(0), batches[0]["image"])
+  else:
+    variables = jax.jit(lambda k, x: layers.init_variables(model, k, x))(jax.random.key(0), batches[0]["image"])
   tx = training.make_optimizer(config, 1000)
   train_step, _ = training.make_steps(model, tx, config, mesh)
   copy = lambda tree: jax.tree.map(jnp.copy, tree)       # the train step donates its state
