@@ -58,7 +58,7 @@ def conv_impl(impl: str):
     set_conv_impl(previous)
 
 
-def selected_impl(feature_group_count: int = 1) -> str:
+def selected_impl() -> str:
   """The implementation a supported convolution traced now would use: ``"fast"`` or ``"xla"``.
 
   ``auto`` picks the custom rule on the CPU backend, XLA's convolution elsewhere (cuDNN and TPU
@@ -68,9 +68,8 @@ def selected_impl(feature_group_count: int = 1) -> str:
   loop body (``while_loop``, ``fori_loop``, ``scan``: the Hessian estimate's samples, a scanned
   model) XLA:CPU does not rewrite gradient convolutions into its fast kernels at all and they run
   as naive loop nests, ~100x slower, while the custom rule, built from forward convolutions and
-  matmuls, stays fast. ``feature_group_count`` is accepted for callers that select per layer.
+  matmuls, stays fast.
   """
-  del feature_group_count   # every supported convolution gets the same choice
   if _IMPL == "auto":
     return "fast" if jax.default_backend() == "cpu" else "xla"
   return _IMPL
@@ -175,7 +174,7 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
       tuple(dimension_numbers or ()) == NHWC and lhs.ndim == 4
       and all(d == 1 for d in (lhs_dilation or (1, 1))) and all(d == 1 for d in (rhs_dilation or (1, 1)))
       and batch_group_count == 1 and precision is None and preferred_element_type is None)
-  if not supported or selected_impl(feature_group_count) == "xla":
+  if not supported or selected_impl() == "xla":
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                     dimension_numbers, feature_group_count, batch_group_count, precision,
                                     preferred_element_type)
