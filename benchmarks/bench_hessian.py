@@ -19,6 +19,7 @@
 """
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -29,9 +30,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import cifar10_resnet20, time_interleaved  # noqa: E402
+from common import time_interleaved  # noqa: E402
 
 from ewgs_jax import checkpoints, data, hessian, layers, parallel, training  # noqa: E402
+from tests.training_configs import load_config  # noqa: E402
 
 
 def per_sample_values(model, variables, batch, key, samples: int, blockwise: bool):
@@ -79,7 +81,7 @@ def main():
                       help="tfds data_dir with CIFAR-10 prepared: real training batches (default: random images)")
   args = parser.parse_args()
   mesh = parallel.make_mesh()
-  config = cifar10_resnet20("w2a2_ewgs")
+  config = load_config("cifar10_resnet20", "w2a2_ewgs")
   model = training.build_model(config, 10)
   if args.data_dir:
     train = data.make_train_iterator("cifar10", global_batch_size=args.batch, seed=0, data_dir=args.data_dir)
@@ -89,11 +91,10 @@ def main():
     batches = [parallel.shard_batch({"image": rng.normal(size=(args.batch, 32, 32, 3)).astype(np.float32),
                                      "label": rng.integers(0, 10, args.batch).astype(np.int32)}, mesh)
                for _ in range(args.batches)]
-  if args.init_from:
-    fp_variables = checkpoints.load_variables(args.init_from)
-    variables = jax.jit(lambda k, x: layers.warm_start(model, fp_variables, k, x))(jax.random.key(0), batches[0]["image"])
-  else:
-    variables = jax.jit(lambda k, x: layers.init_variables(model, k, x))(jax.random.key(0), batches[0]["image"])
+  fp_variables = checkpoints.load_variables(args.init_from) if args.init_from else None
+  init = (functools.partial(layers.init_variables, model) if fp_variables is None
+          else functools.partial(layers.warm_start, model, fp_variables))
+  variables = jax.jit(init)(jax.random.key(0), batches[0]["image"])
   tx = training.make_optimizer(config, 1000)
   train_step, _ = training.make_steps(model, tx, config, mesh)
   copy = lambda tree: jax.tree.map(jnp.copy, tree)       # the train step donates its state

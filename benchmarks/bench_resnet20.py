@@ -17,13 +17,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import cifar10_resnet20, time_interleaved  # noqa: E402
+from common import time_interleaved  # noqa: E402
 
 from ewgs_jax import layers, ops, parallel, training  # noqa: E402
+from tests.training_configs import load_config  # noqa: E402
 
 
 def make_case(backward: str | None, batch: dict, mesh, steps: int = 1000):
-  config = cifar10_resnet20("fp" if backward is None else f"w2a2_{backward}")
+  config = load_config("cifar10_resnet20", "fp" if backward is None else f"w2a2_{backward}")
   model = training.build_model(config, 10)
   tx = training.make_optimizer(config, steps)
   train_step, _ = training.make_steps(model, tx, config, mesh)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import pathlib
 import statistics
 import time
 from typing import Callable
@@ -16,16 +14,6 @@ from ewgs_jax import hostmem
 hostmem.tune(os.environ.get("EWGS_BENCH_HOST_ALLOCATOR", "auto"))
 
 import jax  # noqa: E402
-
-
-def cifar10_resnet20(variant: str):
-  """The repository's CIFAR-10 ResNet-20 config (``configs/cifar10_resnet20.py``), the model the
-  papers and the official code benchmark: three stages of widths 16, 32, 64."""
-  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "cifar10_resnet20.py"
-  spec = importlib.util.spec_from_file_location("cifar10_resnet20", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 1) -> dict[str, float]:

@@ -1,20 +1,9 @@
 """Config validation fails fast, naming the bad key or value and listing what is valid."""
 
-import importlib.util
-import pathlib
-
 import pytest
 
 from ewgs_jax import config as config_lib
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load_config(name, variant=None):
-  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+from tests.training_configs import load_config
 
 
 @pytest.mark.parametrize("name,variants", [

@@ -1,4 +1,5 @@
-"""The small training configuration shared by the end-to-end tests."""
+"""The shipped configs as tests and benchmarks load them, and the small training configuration
+shared by the end-to-end tests."""
 
 import importlib.util
 import pathlib
@@ -6,11 +7,16 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def quickstart(variant):
-  spec = importlib.util.spec_from_file_location("quickstart", ROOT / "configs" / "quickstart.py")
+def load_config(name, variant=None):
+  """``configs/<name>.py``'s ``get_config(variant)``, as ``train.py --config`` would load it."""
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(variant)
+
+
+def quickstart(variant):
+  return load_config("quickstart", variant)
 
 
 def small_config(overrides=None, variant="w2a2_pege"):
