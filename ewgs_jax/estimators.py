@@ -11,6 +11,9 @@ and differs only in its backward rule, given the cotangent ``g = dL/dx_q``:
   ``dL/dx = g * (1 + delta * sign(g) * (x - x_q))``.
 * :func:`pege` -- progressive element-wise gradient estimation, PEGE Eq. 5,
   ``dL/dx = g + mu * (x - x_q)``.
+* :func:`pege_relative` -- PEGE Eq. 5 with ``mu`` measured in units of the cotangent's spread,
+  ``dL/dx = g + mu * 3 sigma(g) * (x - x_q)``: invariant to the loss scale, batch size and tensor
+  size (the library's default for PEGE, see its docstring).
 
 ``x`` is the *latent* value: already normalised and clipped to [0, 1] by a forward method in
 :mod:`ewgs_jax.quantizers`. ``bits`` is a static Python int in 1..16. ``delta`` and ``mu`` are
@@ -181,7 +184,52 @@ def pege(x: Array, bits: int, mu: Array | float) -> Array:
   return _pege(x, check_bits(bits), jnp.asarray(mu, jnp.float32))
 
 
+# --- PEGE, relative mu ---------------------------------------------------------------------------
+
+
+def gradient_spread(g: Array) -> Array:
+  """``3 sigma(g)`` over all elements, unbiased (the representative EWGS Eq. 10 divides by, as the
+  reference code's ``3 * grad.std()``); float32, a constant of the backward pass."""
+  g32 = lax.stop_gradient(g).astype(jnp.float32)
+  return 3.0 * jnp.std(g32, ddof=1 if g32.size > 1 else 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _pege_relative(x: Array, bits: int, mu: Array) -> Array:
+  return _forward(x, bits)[0].astype(x.dtype)
+
+
+def _pege_relative_bwd(bits, res, g):
+  del bits
+  error, mu = res
+  g32 = g.astype(jnp.float32)
+  scale = lax.stop_gradient(mu).astype(jnp.float32) * gradient_spread(g32)
+  return (g32 + scale * error).astype(g.dtype), jnp.zeros_like(mu)
+
+
+_pege_relative.defvjp(_pege_fwd, _pege_relative_bwd)
+
+
+def pege_relative(x: Array, bits: int, mu: Array | float) -> Array:
+  """Rounds ``x`` in [0, 1]; backward is PEGE Eq. 5 with a scale-free ``mu``.
+
+  ``dL/dx_c = g + mu * 3 sigma(g) * (x_c - x_q)``, ``g = dL/dx_q``, ``sigma`` the unbiased standard
+  deviation of ``g`` over the whole tensor (the EWGS Eq. 10 representative ``3 sigma(g)``).
+
+  Why: in Eq. 5 the pull ``mu (x_c - x_q)`` is added to per-element gradients whose size depends on
+  the loss scale, the batch size (a mean-reduced loss makes them ~1/B) and the layer's size, so one
+  absolute ``mu`` means a different strength in every layer and setting (on Fashion-MNIST ResNet-20
+  W2A2, ``mu = 1e-3`` swamped ``g`` and cost 18 points against STE). Measuring ``mu`` in units of
+  ``3 sigma(g)`` makes the update direction invariant to scaling the loss (both terms scale with
+  it) and puts ``mu`` on the scale of EWGS's ``delta``: at ``|g| = 3 sigma(g)`` the EWGS term
+  ``delta |g| (x - x_q)`` equals this one with ``mu = delta``. ``mu = 0`` is exactly STE.
+  """
+  return _pege_relative(x, check_bits(bits), jnp.asarray(mu, jnp.float32))
+
+
 ESTIMATORS: dict[str, Callable[..., Array]] = {"ste": ste, "ewgs": ewgs, "pege": pege}
+#: How PEGE's ``mu`` is measured (config ``pege.mu_scale``): the discretizer for each choice.
+PEGE_MU_SCALES: dict[str, Callable[..., Array]] = {"gradient": pege_relative, "absolute": pege}
 
 
 def get_estimator(name: str) -> Callable[..., Array]:

@@ -17,6 +17,12 @@ each capped at 1. ``mu`` schedules (PEGE Sec. 3.2 and Table 5) return values in 
 * :func:`constant_mu`, :func:`linear_mu` (``mu_max T / T_1``),
   :func:`logarithmic_mu` (``mu_max min(log_B(k T + 1), 1)``),
   :func:`exponential_mu` (``mu_max (1 - exp(-k T))``, the paper's choice).
+
+The per-step constants (``k``, ``transition_steps``) make a schedule mean different curricula in
+runs of different lengths. :func:`rate_schedule_over` and :func:`mu_schedule_over` build the same
+schedules from the step at which they finish ramping (``p`` reaches 1; ``mu`` reaches ``mu_max``,
+or 99 % of it for the exponential, which never does), so a ramp can be given as a fraction of the
+run (config ``pege.rate_ramp`` / ``pege.mu_ramp``).
 """
 
 from __future__ import annotations
@@ -141,6 +147,50 @@ MU_SCHEDULES = {
     "logarithmic": logarithmic_mu,
     "exponential": exponential_mu,
 }
+
+
+MU_RAMP_LEVEL = 0.99   # the exponential mu schedule "finishes" its ramp at 99 % of mu_max
+
+
+def rate_schedule_over(kind: str, transition_steps: int, **shape) -> Schedule:
+  """A replacement-rate schedule whose ``p`` reaches 1 at ``transition_steps`` (PEGE Eq. 4, Table 4).
+
+  ``shape`` holds the constants that do not set the pace: ``base`` and ``b`` (logarithmic,
+  ``k = (base - b) / T_1``), ``initial_rate`` (linear, cosine; exponential, ``k = -ln(p_0) / T_1``),
+  ``rate`` (constant, which has no ramp).
+  """
+  _lookup(RATE_SCHEDULES, kind, "replacement-rate")
+  _require(transition_steps > 0, "transition_steps", transition_steps, "> 0")
+  t1 = float(transition_steps)
+  if kind == "logarithmic":
+    base, b = shape.pop("base"), shape.pop("b")
+    return logarithmic_rate(base, (base - b) / t1, b, **shape)
+  if kind == "exponential":
+    p0 = shape.pop("initial_rate")
+    _require(0.0 < p0 < 1.0, "initial_rate", p0, "in (0, 1) for a ramp")
+    return exponential_rate(p0, -math.log(p0) / t1, **shape)
+  if kind in ("linear", "cosine"):
+    return RATE_SCHEDULES[kind](transition_steps=transition_steps, **shape)
+  return constant_rate(**shape)
+
+
+def mu_schedule_over(kind: str, transition_steps: int, **shape) -> Schedule:
+  """A ``mu`` schedule that reaches ``mu_max`` at ``transition_steps`` (PEGE Sec. 3.2, Table 5).
+
+  Exponential: ``k = ln(1 / (1 - 0.99)) / T_1`` (99 % at ``T_1``); logarithmic:
+  ``k = (base - 1) / T_1``; linear: ``T_1``; constant: no ramp. ``shape`` holds ``mu_max`` (and
+  ``base`` for the logarithmic schedule).
+  """
+  _lookup(MU_SCHEDULES, kind, "mu")
+  _require(transition_steps > 0, "transition_steps", transition_steps, "> 0")
+  t1 = float(transition_steps)
+  if kind == "exponential":
+    return exponential_mu(k=-math.log1p(-MU_RAMP_LEVEL) / t1, **shape)
+  if kind == "logarithmic":
+    return logarithmic_mu(k=(shape["base"] - 1.0) / t1, **shape)
+  if kind == "linear":
+    return linear_mu(transition_steps=transition_steps, **shape)
+  return constant_mu(**shape)
 
 
 def _lookup(table: dict, kind: str, what: str):
