@@ -27,7 +27,7 @@ def make_case(backward: str | None, batch: dict, mesh, steps: int = 1000):
   config = load_config("cifar10_resnet20", "fp" if backward is None else f"w2a2_{backward}")
   model = training.build_model(config, 10)
   tx = training.make_optimizer(config, steps)
-  train_step, _ = training.make_steps(model, tx, config, mesh)
+  train_step, _ = training.make_steps(model, tx, config, mesh, steps)
   variables = jax.jit(lambda k, x: layers.init_variables(model, k, x))(jax.random.key(0), batch["image"])
   state = training.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                               batch_stats=variables["batch_stats"], quant_state=variables.get("quant_state", {}),

@@ -25,9 +25,6 @@ def get_config(variant: str | None = None):
   c.delta.every_epochs = 2
   c.delta.batch_size = 128
   c.delta.max_samples = 20
-  # The run is 110 steps: scale PEGE's schedules so p reaches 1 (step 70) and mu saturates within it.
-  c.pege.rate_kwargs = {"base": 10.0, "k": 0.1, "b": 3.0}
-  c.pege.mu_kwargs = {"mu_max": 1e-3, "k": 0.05}
   variant = variant or "w2a2_ewgs"
   if variant == "fp":
     c.quant.enabled = False

@@ -13,12 +13,14 @@ from typing import Any
 
 import ml_collections
 
-from ewgs_jax.estimators import ESTIMATORS, MAX_BITS, MIN_BITS
+from ewgs_jax.estimators import ESTIMATORS, MAX_BITS, MIN_BITS, PEGE_MU_SCALES
 from ewgs_jax.hessian import HVP_METHODS
 from ewgs_jax.hostmem import MODES as HOST_ALLOCATORS
 from ewgs_jax.replacement import GRANULARITIES
+from ewgs_jax import schedules
 from ewgs_jax.schedules import MU_SCHEDULES, RATE_SCHEDULES
 
+PEGE_MU_MAX = 1e-2   # in units of 3 sigma(g_q): chosen by the Fashion-MNIST sweep (README, "Calibration")
 QUANT_METHODS = ("interval", "pact", "lsq", "dorefa", "none")
 OPTIMIZERS = ("adam", "sgd")
 DELTA_MODES = ("hessian", "fixed", "off")
@@ -32,8 +34,10 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   # Data.
-  c.dataset = "digits"          # any tfds image-classification name, or the bundled 'digits'
+  c.dataset = "digits"          # 'digits' (bundled), 'mnist'/'fashion_mnist' (IDX files or tfds), 'npz:PATH', any tfds name
   c.data_dir = ml_collections.config_dict.placeholder(str)
+  c.validation_examples = 0     # > 0: hold out this many training examples and evaluate on them, not on test
+  c.train_examples = 0          # > 0: train on a fixed subset of this many examples
   c.augment = True
   c.batch_size = 256            # global, over all devices and hosts
   c.eval_batch_size = 500
@@ -68,14 +72,20 @@ def default_config() -> ml_collections.ConfigDict:
   c.delta.batch_size = 256
   c.delta.max_samples = 50
   c.delta.tolerance = 1e-3
-  # PEGE (PEGE Sec. 3.2): replacement-rate and mu schedules, in training steps. The paper gives
-  # no values for B, k, b, mu_max: ours start at p = log_10(2) = 0.3 and reach p = 1 after
-  # (B - b) / k = 8,000 steps (about 10 % of the 400-epoch CIFAR run); mu saturates on a similar scale.
+  # PEGE (PEGE Sec. 3.2). The paper gives no values for B, b, k, mu_max. Ramps are fractions of the
+  # run (so a 10-epoch and a 400-epoch run follow the same curriculum): p starts at log_10(2) = 0.3
+  # and reaches 1 at 10 % of the run; mu reaches 99 % of mu_max at 10 %. rate_ramp / mu_ramp = 0
+  # takes the paper's per-step constants from rate_kwargs (base, k, b) / mu_kwargs (mu_max, k).
+  # mu_scale 'gradient': mu in units of 3 sigma(g_q) per quantizer (invariant to loss scale, batch
+  # and layer size; estimators.pege_relative); 'absolute': PEGE Eq. 5 as written.
   c.pege = ml_collections.ConfigDict()
   c.pege.rate_schedule = "logarithmic"
-  c.pege.rate_kwargs = ml_collections.ConfigDict({"base": 10.0, "k": 1e-3, "b": 2.0})
+  c.pege.rate_kwargs = ml_collections.ConfigDict({"base": 10.0, "b": 2.0})
+  c.pege.rate_ramp = 0.1
   c.pege.mu_schedule = "exponential"
-  c.pege.mu_kwargs = ml_collections.ConfigDict({"mu_max": 1e-3, "k": 1e-3})
+  c.pege.mu_kwargs = ml_collections.ConfigDict({"mu_max": PEGE_MU_MAX})
+  c.pege.mu_ramp = 0.1
+  c.pege.mu_scale = "gradient"
   c.pege.granularity = "element"
   # Optimisers (EWGS Sec. 4.1): network weights and quantizer parameters separately.
   c.optimizer = "adam"          # adam (CIFAR ResNet-20) | sgd (ImageNet)
@@ -97,6 +107,24 @@ def default_config() -> ml_collections.ConfigDict:
   c.distributed.num_processes = ml_collections.config_dict.placeholder(int)
   c.distributed.process_id = ml_collections.config_dict.placeholder(int)
   return c
+
+
+def pege_schedules(pege: ml_collections.ConfigDict, total_steps: int):
+  """``(p_T, mu_T)`` step functions from ``config.pege`` for a run of ``total_steps`` (PEGE Eq. 4, Sec. 3.2).
+
+  A ramp given as a fraction of the run (``rate_ramp``, ``mu_ramp`` > 0) ends at
+  ``max(1, round(fraction * total_steps))``; a ramp of 0 uses the per-step constants in the kwargs.
+  """
+  def build(kind, kwargs, ramp, absolute, over):
+    kwargs = dict(kwargs)
+    if ramp > 0:
+      return over(kind, max(1, round(ramp * total_steps)), **kwargs)
+    return absolute(kind, **kwargs)
+
+  return (build(pege.rate_schedule, pege.rate_kwargs, pege.rate_ramp, schedules.rate_schedule,
+                schedules.rate_schedule_over),
+          build(pege.mu_schedule, pege.mu_kwargs, pege.mu_ramp, schedules.mu_schedule,
+                schedules.mu_schedule_over))
 
 
 def apply_bits_variant(config: ml_collections.ConfigDict, variant: str, suffix: str) -> bool:
@@ -165,6 +193,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice("pege.rate_schedule", config.pege.rate_schedule, sorted(RATE_SCHEDULES))
   _choice("pege.mu_schedule", config.pege.mu_schedule, sorted(MU_SCHEDULES))
   _choice("pege.granularity", config.pege.granularity, GRANULARITIES)
+  _choice("pege.mu_scale", config.pege.mu_scale, sorted(PEGE_MU_SCALES))
+  for name in ("rate_ramp", "mu_ramp"):
+    if not 0.0 <= config.pege[name] <= 1.0:
+      raise ValueError(f"config.pege.{name}={config.pege[name]!r} is invalid; it must be a fraction of the run "
+                       "in (0, 1], or 0 for the per-step constants in the kwargs")
+  try:
+    pege_schedules(config.pege, total_steps=1000)
+  except (TypeError, ValueError, KeyError) as e:
+    raise ValueError(f"config.pege schedules are invalid: {e}") from None
+  for name in ("validation_examples", "train_examples"):
+    if not isinstance(config[name], int) or config[name] < 0:
+      raise ValueError(f"config.{name}={config[name]!r} is invalid; it must be an integer >= 0")
   _choice("optimizer", config.optimizer, OPTIMIZERS)
   _choice("lr_schedule", config.lr_schedule, LR_SCHEDULES)
   _choice("conv_impl", config.conv_impl, CONV_IMPLS)

@@ -92,6 +92,7 @@ class QuantConfig:
   rules: tuple = ()
   replacement_granularity: str = replacement.DEFAULT_GRANULARITY
   enabled: bool = True
+  pege_mu_scale: str = "gradient"   # estimators.PEGE_MU_SCALES: 'gradient' (mu in 3 sigma(g) units) | 'absolute'
 
   def __post_init__(self):
     frozen = []
@@ -104,6 +105,8 @@ class QuantConfig:
       frozen.append((pattern, tuple(sorted(overrides.items()))))
     object.__setattr__(self, "rules", tuple(frozen))
     replacement.check_granularity(self.replacement_granularity)
+    if self.pege_mu_scale not in estimators.PEGE_MU_SCALES:
+      raise ValueError(f"unknown pege_mu_scale {self.pege_mu_scale!r}; valid: {sorted(estimators.PEGE_MU_SCALES)}")
     for _, overrides in self.rules:  # validates the override values now, not at the first call
       _apply_overrides(self.weight, self.act, dict(overrides))
 
@@ -182,7 +185,8 @@ class _Quantized(nn.Module):
     if spec.backward == "ewgs":
       return functools.partial(estimators.ewgs, delta=delta)
     if spec.backward == "pege":
-      return functools.partial(estimators.pege, mu=0.0 if ctx is None else ctx.mu)
+      pege = estimators.PEGE_MU_SCALES[self.quant.pege_mu_scale]
+      return functools.partial(pege, mu=0.0 if ctx is None else ctx.mu)
     return estimators.ste
 
   def _hook(self, kind: str, ctx: QuantContext | None):

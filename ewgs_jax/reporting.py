@@ -228,10 +228,10 @@ def plot_curves(metrics_path: str, out_png: str) -> None:
   records = read_metrics(metrics_path)
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
   for ax, key in zip(axes, ("loss", "accuracy")):
-    for split in ("train", "test"):
+    for split in ("train", "validation", "test"):
       points = [(r["step"], r[key]) for r in records if r["split"] == split and key in r]
       if points:
-        ax.plot(*zip(*points), label=split, marker="o" if split == "test" else None)
+        ax.plot(*zip(*points), label=split, marker=None if split == "train" else "o")
     ax.set_xlabel("step")
     ax.set_ylabel(key)
     ax.legend()

@@ -87,17 +87,16 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
         act=layers.QuantizerSpec(method=q.act_method, backward=q.backward, bits=q.act_bits),
         quantize_first_last=q.quantize_first_last,
         rules=tuple((pattern, dict(overrides)) for pattern, overrides in q.rules),
-        replacement_granularity=config.pege.granularity)
+        replacement_granularity=config.pege.granularity, pege_mu_scale=config.pege.mu_scale)
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
   return models.get_model(config.model, num_classes=num_classes, quant=quant, dtype=dtype,
                           **config.model_kwargs.to_dict())
 
 
-def pege_schedules(config):
+def pege_schedules(config, total_steps: int):
   """(p_T, mu_T) as functions of the step (PEGE Eq. 4 and Sec. 3.2); identity for non-PEGE runs."""
   if config.quant.enabled and config.quant.backward == "pege":
-    return (schedules.rate_schedule(config.pege.rate_schedule, **config.pege.rate_kwargs.to_dict()),
-            schedules.mu_schedule(config.pege.mu_schedule, **config.pege.mu_kwargs.to_dict()))
+    return config_lib.pege_schedules(config.pege, total_steps)
   return schedules.constant_rate(1.0), schedules.constant_mu(0.0)
 
 
@@ -112,9 +111,9 @@ def cross_entropy(logits, labels, weights=None):
   return (losses * weights).sum(), (correct * weights).sum()
 
 
-def make_steps(model, tx, config, mesh):
+def make_steps(model, tx, config, mesh, total_steps: int):
   """Returns jitted ``train_step(state, batch, key)`` and ``eval_step(state, batch)``."""
-  rate_fn, mu_fn = pege_schedules(config)
+  rate_fn, mu_fn = pege_schedules(config, total_steps)
   replaces = config.quant.enabled and config.quant.backward == "pege"
   replicated, batch_sharded = parallel.replicated(mesh), parallel.batch_sharding(mesh)
 
@@ -181,11 +180,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   checkpoints.save_or_check_config(workdir, {k: v for k, v in config.to_dict().items() if k not in RUNTIME_KEYS})
   checkpoints.install_preemption_handler()
   info = data.get_dataset_info(config.dataset, data_dir=config.data_dir)
+  subset = data.Split(validation=config.validation_examples, train_limit=config.train_examples)
 
   def train_iterator(batch_size, seed):
     return data.make_train_iterator(config.dataset, global_batch_size=batch_size, seed=seed,
                                     data_dir=config.data_dir, augment=config.augment,
-                                    workers=config.data_workers)
+                                    workers=config.data_workers, subset=subset)
 
   train_iter = train_iterator(config.batch_size, config.seed)
   steps_per_epoch = train_iter.steps_per_epoch
@@ -197,7 +197,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   layers.check_rules(model, first_batch["image"])
   fp_variables = checkpoints.load_variables(config.init_from) if config.init_from and config.quant.enabled else None
   tx = make_optimizer(config, total_steps)
-  train_step, eval_step = make_steps(model, tx, config, mesh)
+  train_step, eval_step = make_steps(model, tx, config, mesh, total_steps)
   replicated = parallel.replicated(mesh)
   init_key, step_key, delta_key = jax.random.split(jax.random.key(config.seed), 3)
 
@@ -223,7 +223,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state, extra = restored
     train_iter.set_state(extra["data"])
   del first_batch
-  history = extra.get("history", {"quantizers": [], "best_test_accuracy": 0.0, "refreshed_at": -1})
+  history = extra.get("history", {"quantizers": [], "refreshed_at": -1})
+  history.setdefault("best_eval_accuracy", history.pop("best_test_accuracy", 0.0))   # older checkpoints
 
   # 3. EWGS delta (EWGS Sec. 3.2): 0 until the first refresh, then every k epochs.
   ewgs_run = config.quant.enabled and config.quant.backward == "ewgs"
@@ -266,10 +267,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     progress.update(pending[-1][0], loss=means["loss"], accuracy=means["accuracy"])
     pending = []
 
-  def evaluate(state) -> dict:
+  def evaluate(state, split: str = subset.eval_split) -> dict:
     totals = np.zeros(3)
-    for batch in data.make_eval_iterator(config.dataset, global_batch_size=config.eval_batch_size,
-                                         data_dir=config.data_dir):
+    for batch in data.make_eval_iterator(config.dataset, global_batch_size=config.eval_batch_size, split=split,
+                                         data_dir=config.data_dir, subset=subset):
       out = jax.device_get(eval_step(state, parallel.shard_batch(batch, mesh)))
       totals += [out["loss_sum"], out["correct"], out["count"]]
     return {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2]}
@@ -306,9 +307,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if math.ceil(epoch) % config.eval_every_epochs == 0 or step == total_steps:
         flush_metrics()
         results = evaluate(state)
-        history["best_test_accuracy"] = max(history["best_test_accuracy"], results["accuracy"])
-        writer.write(step, "test", results)
-        progress.message(f"epoch {epoch:g}: test accuracy {results['accuracy']:.4f}, loss {results['loss']:.4f}")
+        history["best_eval_accuracy"] = max(history["best_eval_accuracy"], results["accuracy"])
+        writer.write(step, subset.eval_split, results)
+        progress.message(f"epoch {epoch:g}: {subset.eval_split} accuracy {results['accuracy']:.4f}, loss {results['loss']:.4f}")
       save(state, step, None if results is None else results["accuracy"])
     elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
       save(state, step)
@@ -325,22 +326,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   progress.close()
 
   # 5. Summary and plots.
+  # With a validation split, the run is judged (best checkpoint, curves) on it; the test split is
+  # evaluated once at the end, to be reported, never to choose anything.
   final = evaluate(state) if not preempted else {}
   images = (step - first_step) * config.batch_size if loop_start is not None else 0
+  eval_name = subset.eval_split
   summary = {
-      "final_test_accuracy": final.get("accuracy"),
-      "final_test_loss": final.get("loss"),
-      "best_test_accuracy": max(history["best_test_accuracy"], final.get("accuracy", 0.0)),
+      f"final_{eval_name}_accuracy": final.get("accuracy"),
+      f"final_{eval_name}_loss": final.get("loss"),
+      f"best_{eval_name}_accuracy": max(history["best_eval_accuracy"], final.get("accuracy", 0.0)),
       "train_steps": step,
       "epochs": step / steps_per_epoch,
       "wall_time_s": time.time() - wall_start,
       "train_images_per_s": images / train_seconds if train_seconds > 0 and images else None,
       "preempted": preempted,
+      "eval_split": subset.eval_split,
+      "device": f"{jax.devices()[0].platform} {jax.devices()[0].device_kind} x {jax.device_count()}",
       "delta_refreshes": len(history["quantizers"]),
       "quantizers": {layer: {"bits": _layer_bits(model, layer), **values}
                      for layer, values in _quantizer_snapshot(state).items()},
       "config": config.to_dict(),
   }
+  if eval_name != "test":
+    test = evaluate(state, "test") if not preempted else {}
+    summary.update(final_test_accuracy=test.get("accuracy"), final_test_loss=test.get("loss"))
   if jax.process_index() == 0:
     reporting.write_summary(workdir, summary)
     reporting.plot_curves(f"{workdir}/metrics.jsonl", f"{workdir}/curves.png")

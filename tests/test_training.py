@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ewgs_jax import checkpoints, data, reporting, schedules, training
+from ewgs_jax import checkpoints, config as config_lib, data, reporting, training
 from tests.training_configs import ROOT, small_config
 
 
@@ -56,8 +56,7 @@ def test_run_writes_checkpoints_metrics_summary_and_plots(pege_run):
 
 def test_pege_rate_and_mu_seen_by_the_step_equal_the_schedules(pege_run):
   config, workdir, _ = pege_run
-  rate = schedules.rate_schedule(config.pege.rate_schedule, **config.pege.rate_kwargs.to_dict())
-  mu = schedules.mu_schedule(config.pege.mu_schedule, **config.pege.mu_kwargs.to_dict())
+  rate, mu = config_lib.pege_schedules(config.pege, total_steps=config.num_train_steps)
   records = train_losses(workdir)
   # the metric logged at step s was computed by the step that started at s - 1
   np.testing.assert_allclose([r["rate"] for r in records], [float(rate(r["step"] - 1)) for r in records], rtol=1e-6)
