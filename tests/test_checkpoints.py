@@ -60,12 +60,86 @@ def test_keeps_last_n_plus_best(tmp_path):
 
 
 def test_config_guard(tmp_path):
-  config = {"model": "resnet20", "quant": {"bits": 2, "backward": "ewgs"}}
+  config = {"model": "resnet20", "quant": {"bits": 2, "backward": "ewgs"}, "init_from": "a"}
   checkpoints.save_or_check_config(str(tmp_path), config)
   checkpoints.save_or_check_config(str(tmp_path), config)   # same config: resume
-  changed = {"model": "resnet20", "quant": {"bits": 4, "backward": "ewgs"}, "seed": 1}
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 1.0}\n')   # it has trained
+  changed = {"model": "resnet20", "quant": {"bits": 4, "backward": "ewgs"}, "seed": 1, "init_from": "a"}
   with pytest.raises(ValueError, match=r"different config \(quant\.bits: 2 -> 4; seed: '<absent>' -> 1\)"):
     checkpoints.save_or_check_config(str(tmp_path), changed)
+  moved = {**config, "init_from": "b"}
+  with pytest.raises(ValueError, match=r"init_from: 'a' -> 'b'"):
+    checkpoints.save_or_check_config(str(tmp_path), moved)
+  checkpoints.save_or_check_config(str(tmp_path), moved, ignore=("init_from",))   # allowed when asked
+
+
+def test_config_of_a_run_that_never_trained_is_replaced(tmp_path):
+  checkpoints.save_or_check_config(str(tmp_path), {"data_dir": None, "seed": 0})
+  (tmp_path / checkpoints.WARM_START_FILE).write_bytes(b"stale")
+  os.makedirs(tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-1")   # an unfinished save is no checkpoint
+  checkpoints.save_or_check_config(str(tmp_path), {"data_dir": "/data", "seed": 0})
+  assert json.loads((tmp_path / "config.json").read_text())["data_dir"] == "/data"
+  assert not (tmp_path / checkpoints.WARM_START_FILE).exists()
+
+
+def test_warm_start_copy_round_trip(tmp_path):
+  variables = {"params": {"conv": {"kernel": np.ones((2, 2), np.float32)}}, "batch_stats": {"bn": {"mean": np.zeros(2)}}}
+  assert checkpoints.load_warm_start(str(tmp_path)) is None
+  checkpoints.save_warm_start(str(tmp_path), variables, source="runs/fp")
+  jax.tree.map(np.testing.assert_array_equal, checkpoints.load_warm_start(str(tmp_path)), variables)
+
+
+def test_load_variables_saved_on_two_devices_into_one(tmp_path):
+  script = textwrap.dedent("""
+      import sys, jax, jax.numpy as jnp, optax
+      from ewgs_jax import checkpoints, parallel
+      assert jax.device_count() == 2
+      params = {"w": jnp.arange(4.0)}
+      state = jax.device_put({"params": params, "batch_stats": {"m": jnp.ones(2)},
+                              "opt_state": optax.adam(1e-3).init(params), "step": jnp.int32(3)},
+                             parallel.replicated(parallel.make_mesh()))
+      keeper = checkpoints.CheckpointKeeper(sys.argv[1])
+      keeper.save(3, state, {})
+      keeper.wait_until_finished()
+      keeper.close()
+  """)
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, env=env, check=True, timeout=180)
+  assert jax.device_count() == 1
+  variables = checkpoints.load_variables(str(tmp_path))
+  np.testing.assert_array_equal(variables["params"]["w"], [0.0, 1.0, 2.0, 3.0])
+  np.testing.assert_array_equal(variables["batch_stats"]["m"], [1.0, 1.0])
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+  keeper = checkpoints.CheckpointKeeper(str(tmp_path), max_to_keep=3)
+  for step in (1, 2):
+    keeper.save(step, toy_state(float(step)), {"next": step})
+  keeper.wait_until_finished()
+  keeper.close()
+  state_dir = tmp_path / "checkpoints" / "2" / "state"
+  for path in state_dir.rglob("*"):
+    if path.is_file() and path.name != "commit_success.txt":
+      path.write_bytes(b"garbage")
+  abstract = jax.eval_shape(lambda: toy_state(0.0))
+  keeper = checkpoints.CheckpointKeeper(str(tmp_path), max_to_keep=3)
+  with caplog.at_level("WARNING"):
+    state, extra = keeper.restore_latest(abstract)
+  assert extra == {"next": 1} and int(state["step"]) == 1
+  assert "checkpoints/2 cannot be read" in caplog.text
+  assert keeper.all_steps() == [1] and (tmp_path / "corrupt_checkpoints" / "2").is_dir()
+  keeper.save(2, toy_state(5.0), {"next": 2})   # the step can be saved again
+  keeper.wait_until_finished()
+  keeper.close()
+
+
+def test_workdir_lock_refuses_a_second_holder(tmp_path):
+  with checkpoints.WorkdirLock(str(tmp_path)):
+    with pytest.raises(checkpoints.WorkdirBusyError, match=rf"in use by another run \(pid {os.getpid()}\)"):
+      checkpoints.WorkdirLock(str(tmp_path)).acquire()
+  with checkpoints.WorkdirLock(str(tmp_path)):   # released: free again
+    pass
 
 
 def test_load_variables_from_another_run(tmp_path):
