@@ -80,7 +80,9 @@ class MetricsWriter:
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    path = os.path.join(workdir, "metrics.jsonl")
+    _drop_torn_line(path)
+    self._jsonl = open(path, "a")
     name = f"events.out.tfevents.{int(time.time())}.{os.uname().nodename}.{os.getpid()}"
     self._events = open(os.path.join(workdir, name), "ab")
     self._events.write(tfrecord(encode_event(time.time(), 0, file_version="brain.Event:2")))
@@ -94,11 +96,17 @@ class MetricsWriter:
     self._events.write(tfrecord(encode_event(time.time(), int(step), {f"{split}/{k}": v for k, v in scalars.items()})))
     self._events.flush()
 
-  def write_quantizers(self, step: int, quantizers: dict[str, dict[str, float]]) -> None:
-    """Per-quantizer l, u, alpha, delta (one JSON line; TensorBoard tags ``quant/<layer>/<name>``)."""
+  def write_quantizers(self, step: int, quantizers: dict[str, dict[str, float]], reason: str | None = None) -> None:
+    """Per-quantizer l, u, alpha, delta (one JSON line; TensorBoard tags ``quant/<layer>/<name>``).
+
+    ``reason`` (e.g. ``"delta_refresh"``, ``"eval"``) says why the snapshot was taken.
+    """
     if not self.enabled:
       return
-    self._jsonl.write(json.dumps({"step": int(step), "split": "quantizers", "quantizers": quantizers}) + "\n")
+    record = {"step": int(step), "split": "quantizers", "quantizers": quantizers}
+    if reason is not None:
+      record["reason"] = reason
+    self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
     flat = {f"quant/{layer}/{k}": v for layer, values in quantizers.items() for k, v in values.items()}
     self._events.write(tfrecord(encode_event(time.time(), int(step), flat)))
@@ -108,6 +116,20 @@ class MetricsWriter:
     if self.enabled:
       self._jsonl.close()
       self._events.close()
+
+
+def _drop_torn_line(path: str) -> None:
+  """Cuts a last line that a crash left half-written, so that appended lines stay parseable."""
+  if not os.path.exists(path) or os.path.getsize(path) == 0:
+    return
+  with open(path, "rb+") as f:
+    data = f.read()
+    if data.endswith(b"\n"):
+      return
+    keep = data.rfind(b"\n") + 1
+    print(f"warning: {path}: dropped a torn last line ({len(data) - keep} bytes, from a crash mid-write)",
+          file=sys.stderr)
+    f.truncate(keep)
 
 
 def read_events(path: str) -> list[tuple[int, dict[str, float]]]:
@@ -198,9 +220,22 @@ class ProgressBar:
       self.stream.write(("\n" if self.tty else "") + text + "\n")
       self.stream.flush()
 
+  def exclude(self, seconds: float) -> None:
+    """Leaves ``seconds`` (evaluation, delta refresh, checkpoints) out of the images/s and ETA."""
+    if self._last is not None:
+      self._last = (self._last[0], self._last[1] + seconds)
+
   def close(self) -> None:
     if self.enabled and self.tty:
       self.stream.write("\n")
+
+
+def announce(text: str, stream=None) -> None:
+  """A line for the user on stderr (process 0 only): resume, stop, end of a run."""
+  if jax.process_index() == 0:
+    stream = stream or sys.stderr
+    stream.write(text + "\n")
+    stream.flush()
 
 
 # --- summary, plots, table ----------------------------------------------------------------------
@@ -215,12 +250,49 @@ def write_summary(workdir: str, summary: dict) -> str:
   return path
 
 
-def read_metrics(path: str) -> list[dict]:
+def read_summary(workdir: str) -> dict | None:
+  """``workdir/summary.json``, or ``None`` if the run has not written one."""
+  path = os.path.join(workdir, "summary.json")
+  if not os.path.exists(path):
+    return None
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    return json.load(f)
 
 
-def plot_curves(metrics_path: str, out_png: str) -> None:
+def read_metrics(path: str) -> list[dict]:
+  """The records of ``metrics.jsonl``; a line a crash left unparseable is skipped."""
+  records = []
+  with open(path) as f:
+    for line in f:
+      if line.strip():
+        try:
+          records.append(json.loads(line))
+        except json.JSONDecodeError:
+          continue
+  return records
+
+
+def final_message(workdir: str, summary: dict) -> str:
+  """The line printed when a run ends: its accuracies and where its outputs are."""
+  accuracies = ", ".join(f"{k[len('final_'):-len('_accuracy')]} {100 * v:.2f} %" for k, v in sorted(summary.items())
+                         if k.startswith("final_") and k.endswith("_accuracy") and v is not None)
+  outputs = [f for f in ("summary.json", "curves.png", "deltas.png", "metrics.jsonl", "checkpoints")
+             if os.path.exists(os.path.join(workdir, f))]
+  return (f"finished {summary['train_steps']} steps ({summary['epochs']:g} epochs): final accuracy {accuracies or '-'}; "
+          f"outputs in {os.path.abspath(workdir)}: {', '.join(outputs)}")
+
+
+def write_plots(workdir: str, delta_history: list[dict], title: str | None = None) -> None:
+  """``curves.png`` and (with delta refreshes) ``deltas.png``; a failure only warns: the run is done."""
+  try:
+    plot_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "curves.png"), title=title)
+    if delta_history:
+      plot_deltas(delta_history, os.path.join(workdir, "deltas.png"), title=title)
+  except Exception as e:  # noqa: BLE001 - plots are a convenience; the summary is already written
+    print(f"warning: plotting in {workdir} failed ({type(e).__name__}: {e})", file=sys.stderr)
+
+
+def plot_curves(metrics_path: str, out_png: str, title: str | None = None) -> None:
   """Loss and accuracy against the training step, train and test."""
   import matplotlib
   matplotlib.use("Agg")
@@ -236,12 +308,14 @@ def plot_curves(metrics_path: str, out_png: str) -> None:
     ax.set_ylabel(key)
     ax.legend()
     ax.grid(alpha=0.3)
+  if title:
+    fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(out_png, dpi=100)
   plt.close(fig)
 
 
-def plot_deltas(history: list[dict], out_png: str) -> None:
+def plot_deltas(history: list[dict], out_png: str, title: str | None = None) -> None:
   """EWGS Fig. 3: delta of every weight and activation quantizer at each refresh (by epoch).
 
   ``history``: ``[{"step", "epoch", "quantizers": {layer: {"delta_w", "delta_a", ...}}}, ...]``.
@@ -251,40 +325,75 @@ def plot_deltas(history: list[dict], out_png: str) -> None:
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
   layers = sorted({layer for h in history for layer in h["quantizers"]})
-  for ax, key, title in zip(axes, ("delta_w", "delta_a"), ("weights", "activations")):
+  for ax, key, side in zip(axes, ("delta_w", "delta_a"), ("weights", "activations")):
     for layer in layers:
       points = [(h["epoch"], h["quantizers"][layer][key]) for h in history
                 if key in h["quantizers"].get(layer, {})]
       if points:
         ax.plot(*zip(*points), marker=".", label=layer)
-    ax.set_title(f"EWGS delta, {title}")
+    ax.set_title(f"EWGS delta, {side}")
     ax.set_xlabel("epoch")
+    ax.set_ylabel("delta (EWGS Eq. 10)")
     ax.grid(alpha=0.3)
   if layers:
-    axes[1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5))
+    axes[1].legend(fontsize=9, loc="center left", bbox_to_anchor=(1, 0.5), ncol=1 + len(layers) // 20)
+  if title:
+    fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(out_png, dpi=100)
   plt.close(fig)
 
 
+def _percent(value) -> str:
+  return f"{100 * value:.2f} %" if isinstance(value, (int, float)) else "-"
+
+
 def results_table(workdirs: list[str]) -> str:
-  """A Markdown table of the finished runs' test accuracies, from their ``summary.json``."""
+  """A Markdown table of the runs' test accuracies, from their ``summary.json``.
+
+  Runs without a summary (unfinished) or stopped early (preempted) get a row saying so. With a
+  validation split, the best accuracy is the validation one (marked "(val.)"): the test split is
+  evaluated once, at the end.
+  """
   rows = ["| run | backward | W/A bits | final test acc. | best test acc. | epochs | images/s |",
           "| --- | --- | --- | --- | --- | --- | --- |"]
   for workdir in workdirs:
-    with open(os.path.join(workdir, "summary.json")) as f:
-      s = json.load(f)
-    q = s["config"]["quant"]
-    bits = f"W{q['weight_bits']}A{q['act_bits']}" if q["enabled"] else "32/32"
-    backward = q["backward"] if q["enabled"] else "full precision"
+    name = os.path.basename(os.path.normpath(workdir))
+    s = read_summary(workdir)
+    if s is None:
+      rows.append(f"| {name} (not finished: no summary.json) | - | - | - | - | - | - |")
+      continue
+    q = s.get("config", {}).get("quant", {})
+    enabled = q.get("enabled", False)
+    bits = f"W{q.get('weight_bits')}A{q.get('act_bits')}" if enabled else "32/32"
+    backward = q.get("backward", "-") if enabled else "full precision"
     speed = f"{s['train_images_per_s']:,.0f}" if s.get("train_images_per_s") else "-"
-    rows.append(f"| {os.path.basename(os.path.normpath(workdir))} | {backward} | {bits} | "
-                f"{100 * s['final_test_accuracy']:.2f} % | {100 * s['best_test_accuracy']:.2f} % | "
-                f"{s['epochs']:g} | {speed} |")
+    if s.get("preempted"):
+      name += f" (stopped early at step {s.get('train_steps', '?')})"
+    eval_split = s.get("eval_split", "test")
+    best = _percent(s.get(f"best_{eval_split}_accuracy"))
+    if eval_split != "test" and best != "-":
+      best += f" ({eval_split[:3]}.)"
+    epochs = f"{s['epochs']:g}" if isinstance(s.get("epochs"), (int, float)) else "-"
+    rows.append(f"| {name} | {backward} | {bits} | {_percent(s.get('final_test_accuracy'))} | {best} | "
+                f"{epochs} | {speed} |")
   return "\n".join(rows)
+
+
+def provenance(workdirs: list[str]) -> str:
+  """When and on what the runs of a table were measured (from their summaries)."""
+  summaries = [s for s in (read_summary(w) for w in workdirs) if s is not None]
+  devices = sorted({s.get("device", "?") for s in summaries})
+  wall = sum(s.get("wall_time_s") or 0.0 for s in summaries)
+  when = max((os.path.getmtime(os.path.join(w, "summary.json")) for w in workdirs
+              if os.path.exists(os.path.join(w, "summary.json"))), default=time.time())
+  return (f"Measured {time.strftime('%Y-%m-%d', time.localtime(when))} on {', '.join(devices) or '?'} "
+          f"({os.cpu_count()} CPU cores, jax {jax.__version__}); {wall / 60:.1f} min of training wall time in all.")
 
 
 if __name__ == "__main__":
   if len(sys.argv) < 3 or sys.argv[1] != "table":
     sys.exit("usage: python -m ewgs_jax.reporting table WORKDIR [WORKDIR ...]")
   print(results_table(sys.argv[2:]))
+  print()
+  print(provenance(sys.argv[2:]))
