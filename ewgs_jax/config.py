@@ -109,6 +109,47 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def describe() -> str:
+  """Every config key with its default and meaning (from the comments in :func:`default_config`).
+
+  A key without its own comment gets its section's (the comment line above a group of keys).
+  ``python train.py --config_keys`` prints this.
+  """
+  import inspect
+  meanings: dict[str, str] = {}
+  section = ""
+  for line in inspect.getsource(default_config).splitlines():
+    stripped = line.strip()
+    if stripped.startswith("#"):
+      section = stripped.lstrip("# ").rstrip()
+      continue
+    match = re.match(r"c\.([\w.]+)\s*=\s*(.*?)\s*(?:#\s*(.*))?$", stripped)
+    if match:
+      meanings[match[1]] = match[3] or section
+  rows = []
+  for key, value in _flatten(default_config()).items():
+    meaning = meanings.get(key) or meanings.get(key.rsplit(".", 1)[0], "")
+    rows.append((key, repr(value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value), meaning))
+  width = max(len(k) + len(v) for k, v, _ in rows) + 4
+  return "\n".join(f"{f'{k} = {v}':<{width}} {m}".rstrip() for k, v, m in rows)
+
+
+def known_keys() -> list[str]:
+  """Every valid (flattened) config key."""
+  return sorted(_flatten(default_config()))
+
+
+def unknown_key_message(keys: list[str]) -> str:
+  """``unknown config keys: a (did you mean b?), ...`` with where to find the valid ones."""
+  known = known_keys()
+  hints = []
+  for key in keys:
+    close = difflib.get_close_matches(key, known, n=1)
+    hints.append(f"{key}" + (f" (did you mean {close[0]}?)" if close else ""))
+  return (f"unknown config keys: {', '.join(hints)}; valid keys: {', '.join(known)} "
+          f"(with defaults and meanings: python train.py --config_keys)")
+
+
 def pege_schedules(pege: ml_collections.ConfigDict, total_steps: int):
   """``(p_T, mu_T)`` step functions from ``config.pege`` for a run of ``total_steps`` (PEGE Eq. 4, Sec. 3.2).
 
@@ -172,11 +213,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   given = _flatten(config)
   unknown = sorted(set(given) - set(known))
   if unknown:
-    hints = []
-    for key in unknown:
-      close = difflib.get_close_matches(key, known, n=1)
-      hints.append(f"{key}" + (f" (did you mean {close[0]}?)" if close else ""))
-    raise ValueError(f"unknown config keys: {', '.join(hints)}; valid keys: {sorted(known)}")
+    raise ValueError(unknown_key_message(unknown))
   from ewgs_jax.models import MODELS  # late import: models pull in Flax
   _choice("model", config.model, sorted(MODELS))
   q = config.quant
@@ -215,6 +252,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{name}={config[name]!r} is invalid; it must be a positive integer")
   if config.delta.every_epochs <= 0 or config.delta.num_batches <= 0 or config.delta.max_samples <= 0:
     raise ValueError("config.delta.every_epochs, num_batches and max_samples must be positive integers")
+  if config.init_from and not config.quant.enabled:
+    raise ValueError(f"config.init_from={config.init_from!r} is set on a full-precision run "
+                     "(quant.enabled=False), which does not warm start; drop init_from, or enable quant")
   for name in ("learning_rate", "quant_learning_rate", "weight_decay"):
     if config[name] < 0:
       raise ValueError(f"config.{name}={config[name]!r} is invalid; it must be >= 0")
