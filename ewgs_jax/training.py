@@ -12,9 +12,11 @@ counter inside the jitted step; EWGS's delta (EWGS Eq. 10) is refreshed between 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
+import os
 import time
 from typing import Any
 
@@ -30,6 +32,7 @@ from ewgs_jax import schedules
 
 log = logging.getLogger(__name__)
 RUNTIME_KEYS = ("distributed", "progress_bar", "data_workers", "host_allocator")   # not part of what defines a run
+DIVERGED_LOSS_FACTOR = 100.0   # a training loss above this many times chance level (ln C) has diverged
 
 
 # --- state and optimisers ----------------------------------------------------------------------
@@ -132,7 +135,10 @@ def make_steps(model, tx, config, mesh, total_steps: int):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                           batch_stats=batch_stats, opt_state=opt_state)
-    return state, {"loss": loss, "accuracy": accuracy, "rate": rate, "mu": mu}
+    metrics = {"loss": loss, "accuracy": accuracy}
+    if replaces:   # p_T and mu_T mean something only for PEGE
+      metrics.update(rate=rate, mu=mu)
+    return state, metrics
 
   def eval_step(state: TrainState, batch):
     logits = model.apply(state.variables(), batch["image"], train=False)
@@ -162,14 +168,34 @@ def _quantizer_snapshot(state: TrainState) -> dict[str, dict[str, float]]:
   return snapshot
 
 
+def warm_start_source(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+  """The full-precision variables a QAT run starts from: its own copy, else ``init_from`` (then
+  copied into the run, so that it resumes even if ``init_from`` is moved or deleted)."""
+  if not (config.init_from and config.quant.enabled):
+    return None
+  variables = checkpoints.load_warm_start(workdir)
+  if variables is None:
+    variables = checkpoints.load_variables(config.init_from)
+    checkpoints.save_warm_start(workdir, variables, config.init_from)
+  return variables
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains ``config.model`` on ``config.dataset`` in ``workdir``, resuming if it holds a run.
 
-  Returns the summary also written to ``workdir/summary.json``.
+  Returns the summary also written to ``workdir/summary.json`` (``summary["preempted"]``: stopped
+  early by SIGTERM or Ctrl-C after saving; re-running resumes). The workdir is locked for the run.
   """
+  with contextlib.ExitStack() as cleanup:
+    return _train_and_evaluate(config, workdir, cleanup)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup: contextlib.ExitStack) -> dict:
   # 1. Setup. Everything that can fail on bad input fails here, before anything compiles.
   config_lib.validate(config)
   parallel.maybe_initialize_distributed(config.distributed)
+  if jax.process_index() == 0:
+    cleanup.enter_context(checkpoints.WorkdirLock(workdir))
   ops.set_conv_impl(config.conv_impl)
   mesh = parallel.make_mesh()
   parallel.check_batch_divisible(config.batch_size, mesh)
@@ -177,8 +203,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.quant.enabled and config.quant.backward == "ewgs" and config.delta.mode == "hessian":
     parallel.check_batch_divisible(config.delta.batch_size, mesh, "delta batch size")
   # Per-process and cosmetic settings may differ between processes and between a run and its resume.
-  checkpoints.save_or_check_config(workdir, {k: v for k, v in config.to_dict().items() if k not in RUNTIME_KEYS})
+  # A run with its own warm-start copy never reads init_from again, so init_from may change.
+  has_copy = os.path.exists(os.path.join(workdir, checkpoints.WARM_START_FILE))
+  checkpoints.save_or_check_config(workdir, {k: v for k, v in config.to_dict().items() if k not in RUNTIME_KEYS},
+                                   ignore=("init_from",) if has_copy else ())
   checkpoints.install_preemption_handler()
+  cleanup.callback(checkpoints.uninstall_preemption_handler)
   info = data.get_dataset_info(config.dataset, data_dir=config.data_dir)
   subset = data.Split(validation=config.validation_examples, train_limit=config.train_examples)
 
@@ -195,7 +225,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = build_model(config, info.num_classes)
   first_batch = parallel.shard_batch(train_iterator(config.batch_size, config.seed).batch_at(0, 0), mesh)
   layers.check_rules(model, first_batch["image"])
-  fp_variables = checkpoints.load_variables(config.init_from) if config.init_from and config.quant.enabled else None
+  resuming = bool(checkpoints.committed_steps(workdir))
+  fp_variables = None if resuming else warm_start_source(config, workdir)
   tx = make_optimizer(config, total_steps)
   train_step, eval_step = make_steps(model, tx, config, mesh, total_steps)
   replicated = parallel.replicated(mesh)
@@ -204,7 +235,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # 2. State: the latest checkpoint, or a data-driven initialisation (EWGS Sec. 4.1) on the first
   # training batch, warm-started from a full-precision run when ``init_from`` is set.
   @functools.partial(jax.jit, out_shardings=replicated)
-  def init_state(rng, batch):
+  def init_state(rng, batch, fp_variables=None):
     if fp_variables is None:
       variables = layers.init_variables(model, rng, batch["image"])
     else:
@@ -214,17 +245,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       opt_state=tx.init(variables["params"]))
 
   keeper = checkpoints.CheckpointKeeper(workdir, max_to_keep=config.keep_checkpoints)
+  cleanup.callback(keeper.close)
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                           jax.eval_shape(init_state, init_key, first_batch))
   restored = keeper.restore_latest(abstract)
   if restored is None:
-    state, extra = init_state(init_key, first_batch), {}
+    if fp_variables is None and resuming:   # every checkpoint was unreadable: start again
+      fp_variables = warm_start_source(config, workdir)
+    state, extra = init_state(init_key, first_batch, fp_variables), {}
   else:
     state, extra = restored
     train_iter.set_state(extra["data"])
   del first_batch
   history = extra.get("history", {"quantizers": [], "refreshed_at": -1})
   history.setdefault("best_eval_accuracy", history.pop("best_test_accuracy", 0.0))   # older checkpoints
+  previous_timing = dict(history.get("timing", {"wall_time_s": 0.0, "train_seconds": 0.0, "train_images": 0}))
 
   # 3. EWGS delta (EWGS Sec. 3.2): 0 until the first refresh, then every k epochs.
   ewgs_run = config.quant.enabled and config.quant.backward == "ewgs"
@@ -242,13 +277,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return state.replace(quant_state=parallel.replicate(quant_state, mesh))
 
   # 4. The loop, with evaluation every epoch and checkpoints (data position included).
+  step = int(state.step)
+  finished = reporting.read_summary(workdir)
+  if step >= total_steps and finished is not None and not finished.get("preempted"):
+    reporting.announce(f"{workdir} already holds this run, finished at step {step}; nothing to do "
+                       f"(summary.json kept)")
+    return finished
+  if restored is not None:
+    reporting.announce(f"resumed from step {step} of {total_steps} in {workdir}")
   writer = reporting.MetricsWriter(workdir)
+  cleanup.callback(writer.close)
   progress = reporting.ProgressBar(total_steps, config.batch_size, enabled=config.progress_bar)
   pending: list[tuple[int, dict]] = []   # step metrics not yet fetched from the device
-  step = int(state.step)
   excluded_time = 0.0                    # evaluation, delta refresh and checkpoint time
   wall_start = time.time()
   loop_start = None
+  diverged_loss = DIVERGED_LOSS_FACTOR * math.log(max(info.num_classes, 2))
+
+  def run_timing(step: int) -> dict:
+    """Wall time and steady-state training time and images, summed over this run's resumes."""
+    seconds = time.perf_counter() - loop_start - excluded_time if loop_start is not None else 0.0
+    images = (step - first_step) * config.batch_size if loop_start is not None else 0
+    return {"wall_time_s": previous_timing["wall_time_s"] + time.time() - wall_start,
+            "train_seconds": previous_timing["train_seconds"] + seconds,
+            "train_images": previous_timing["train_images"] + images}
 
   def flush_metrics():
     """Fetches pending metrics; a non-finite loss stops the run before anything is saved."""
@@ -257,11 +309,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       return
     fetched = jax.device_get([m for _, m in pending])
     for (at, _), m in zip(pending, fetched):
-      if not math.isfinite(float(m["loss"])):
+      loss = float(m["loss"])
+      if not math.isfinite(loss) or loss > diverged_loss:
         keeper.wait_until_finished()
+        last = keeper.latest_step()
+        kept = (f"The last good checkpoint (step {last}) in {workdir} is kept" if last is not None
+                else f"No checkpoint was saved in {workdir}")
+        what = "non-finite training loss" if not math.isfinite(loss) else "training diverged: loss"
         raise FloatingPointError(
-            f"non-finite training loss ({float(m['loss'])}) at step {at}; stopping. The last good "
-            f"checkpoint in {workdir} is kept: lower the learning rate, or check the data.")
+            f"{what} ({loss:.4g}) at step {at}; stopping. {kept}: lower the learning rate, or check the data.")
     means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
     writer.write(pending[-1][0], "train", means)
     progress.update(pending[-1][0], loss=means["loss"], accuracy=means["accuracy"])
@@ -279,6 +335,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if keeper.latest_step() == step:     # already saved at this step (e.g. preempted at an epoch end)
       return
     flush_metrics()
+    history["timing"] = run_timing(step)
     keeper.save(step, state, extra={"data": train_iter.get_state(), "history": history},
                 metrics=None if test_accuracy is None else {"test_accuracy": test_accuracy})
 
@@ -286,12 +343,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   while step < total_steps:
     if policy.should_refresh(step, steps_per_epoch) and history["refreshed_at"] != step:
       tick = time.perf_counter()
+      progress.message(f"step {step}: refreshing EWGS delta ({config.delta.mode}) ...")
       state = refresh_deltas(state, step)
       history["refreshed_at"] = step
       snapshot = _quantizer_snapshot(state)
       history["quantizers"].append({"step": step, "epoch": step / steps_per_epoch, "quantizers": snapshot})
-      writer.write_quantizers(step, snapshot)
+      writer.write_quantizers(step, snapshot, reason="delta_refresh")
+      progress.message(f"step {step}: delta refreshed in {time.perf_counter() - tick:.1f} s")
       excluded_time += time.perf_counter() - tick
+      progress.exclude(time.perf_counter() - tick)
     state, metrics = train_step(state, parallel.shard_batch(next(train_iter), mesh), step_key)
     step += 1
     pending.append((step, metrics))
@@ -310,18 +370,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         history["best_eval_accuracy"] = max(history["best_eval_accuracy"], results["accuracy"])
         writer.write(step, subset.eval_split, results)
         progress.message(f"epoch {epoch:g}: {subset.eval_split} accuracy {results['accuracy']:.4f}, loss {results['loss']:.4f}")
+        if config.quant.enabled:   # l, u, alpha (and delta) at every evaluation, for every rule
+          writer.write_quantizers(step, _quantizer_snapshot(state), reason="eval")
       save(state, step, None if results is None else results["accuracy"])
     elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
       save(state, step)
+    keeper.check_for_errors()            # a failed asynchronous save stops the run at once
     if checkpoints.preemption_requested() or keeper.reached_preemption(step):
       save(state, step)
-      log.warning("preemption: saved step %d in %s and stopped; re-run the command to resume", step, workdir)
+      keeper.wait_until_finished()
+      reporting.announce(f"stopped early: saved step {step} of {total_steps} in {workdir}; "
+                         f"re-run the same command to resume")
       preempted = True
       break
     excluded_time += time.perf_counter() - tick
+    progress.exclude(time.perf_counter() - tick)
   flush_metrics()
   jax.block_until_ready(state)
-  train_seconds = time.perf_counter() - loop_start - excluded_time if loop_start is not None else 0.0
+  timing = run_timing(step)
   keeper.wait_until_finished()
   progress.close()
 
@@ -329,7 +395,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # With a validation split, the run is judged (best checkpoint, curves) on it; the test split is
   # evaluated once at the end, to be reported, never to choose anything.
   final = evaluate(state) if not preempted else {}
-  images = (step - first_step) * config.batch_size if loop_start is not None else 0
   eval_name = subset.eval_split
   summary = {
       f"final_{eval_name}_accuracy": final.get("accuracy"),
@@ -337,8 +402,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f"best_{eval_name}_accuracy": max(history["best_eval_accuracy"], final.get("accuracy", 0.0)),
       "train_steps": step,
       "epochs": step / steps_per_epoch,
-      "wall_time_s": time.time() - wall_start,
-      "train_images_per_s": images / train_seconds if train_seconds > 0 and images else None,
+      "wall_time_s": timing["wall_time_s"],
+      "train_images_per_s": (timing["train_images"] / timing["train_seconds"]
+                             if timing["train_seconds"] > 0 and timing["train_images"] else None),
       "preempted": preempted,
       "eval_split": subset.eval_split,
       "device": f"{jax.devices()[0].platform} {jax.devices()[0].device_kind} x {jax.device_count()}",
@@ -352,11 +418,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary.update(final_test_accuracy=test.get("accuracy"), final_test_loss=test.get("loss"))
   if jax.process_index() == 0:
     reporting.write_summary(workdir, summary)
-    reporting.plot_curves(f"{workdir}/metrics.jsonl", f"{workdir}/curves.png")
-    if history["quantizers"]:
-      reporting.plot_deltas(history["quantizers"], f"{workdir}/deltas.png")
-  writer.close()
-  keeper.close()
+    name = os.path.basename(os.path.normpath(workdir))
+    reporting.write_plots(workdir, history["quantizers"], title=name)
+    if not preempted:
+      reporting.announce(reporting.final_message(workdir, summary))
   return summary
 
 

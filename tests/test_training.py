@@ -110,7 +110,7 @@ def test_delta_refresh_at_configured_epochs_and_only_delta(tmp_path):
   config = small_config({"batch_size": 256, "num_train_steps": 2 * steps_per_epoch + 1, "num_epochs": 3,
                          "delta.every_epochs": 1, "eval_every_epochs": 5}, variant="w2a2_ewgs")
   summary = training.train_and_evaluate(config, str(tmp_path))
-  records = [r for r in reporting.read_metrics(str(tmp_path / "metrics.jsonl")) if r["split"] == "quantizers"]
+  records = [r for r in reporting.read_metrics(str(tmp_path / "metrics.jsonl")) if r["split"] == "quantizers" and r.get("reason") == "delta_refresh"]
   assert [r["step"] for r in records] == [steps_per_epoch, 2 * steps_per_epoch]
   assert summary["delta_refreshes"] == 2
   deltas = [v["delta_w"] for v in records[0]["quantizers"].values()]
