@@ -175,6 +175,8 @@ def execute(run: Run, log_dir: str, env: dict) -> dict:
   with open(log_path, "a") as log:
     code = subprocess.call(run.command(), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
   summary = run.summary()
+  if code == 75:   # train.py: stopped early (SIGTERM / Ctrl-C) after saving; the run is resumable
+    raise RuntimeError(f"run {run.name!r} stopped early (exit 75) with a checkpoint saved; re-run to resume")
   if code != 0 or summary is None:
     with open(log_path) as f:
       tail = "".join(f.readlines()[-15:])
