@@ -32,7 +32,7 @@ LR_SCHEDULES = ("cosine", "constant")
 def default_config() -> ml_collections.ConfigDict:
   """All keys with their defaults (the EWGS CIFAR-10 ResNet-20 QAT setting where one applies)."""
   c = ml_collections.ConfigDict()
-  c.seed = 0
+  c.seed = 0                    # initialisation, data order and PEGE replacement masks
   # Data.
   c.dataset = "digits"          # 'digits' (bundled), 'mnist'/'fashion_mnist' (IDX files or tfds), 'npz:PATH', any tfds name
   c.data_dir = ml_collections.config_dict.placeholder(str)
@@ -117,12 +117,14 @@ def describe() -> str:
   """
   import inspect
   meanings: dict[str, str] = {}
-  section = ""
+  section, in_comment = "", False
   for line in inspect.getsource(default_config).splitlines():
     stripped = line.strip()
-    if stripped.startswith("#"):
-      section = stripped.lstrip("# ").rstrip()
+    if stripped.startswith("#"):   # a section comment, possibly over several lines
+      text = stripped.lstrip("# ").rstrip()
+      section, in_comment = (f"{section} {text}" if in_comment else text), True
       continue
+    in_comment = False
     match = re.match(r"c\.([\w.]+)\s*=\s*(.*?)\s*(?:#\s*(.*))?$", stripped)
     if match:
       meanings[match[1]] = match[3] or section

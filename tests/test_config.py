@@ -52,3 +52,21 @@ def test_invalid_values_list_valid_choices(key, value, pattern):
   (c[section] if section else c)[leaf] = value
   with pytest.raises(ValueError, match=pattern):
     config_lib.validate(c)
+
+
+def test_init_from_on_a_full_precision_run_is_refused():
+  c = load_config("quickstart", "fp")
+  c.init_from = "runs/fp"
+  with pytest.raises(ValueError, match=r"init_from='runs/fp' is set on a full-precision run"):
+    config_lib.validate(c)
+  c.init_from = None
+  config_lib.validate(c)
+
+
+def test_describe_lists_every_key_with_default_and_meaning():
+  text = config_lib.describe()
+  lines = {line.split(" = ")[0]: line for line in text.splitlines()}
+  assert set(lines) == set(config_lib.known_keys())
+  assert lines["quant.backward"].startswith("quant.backward = 'ewgs'") and "ste | ewgs | pege" in lines["quant.backward"]
+  assert "full-precision workdir to warm start" in lines["init_from"]
+  assert all(len(line.split(None, 3)) == 4 for line in lines.values()), "every key has a meaning"

@@ -87,3 +87,59 @@ def test_progress_bar_rewrites_one_line_on_a_tty():
   bar.update(2, loss=1.0)
   bar.close()
   assert stream.getvalue().count("\n") == 1 and stream.getvalue().count("\r") == 2
+
+
+def test_torn_last_line_is_dropped_on_append_and_skipped_on_read(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "split": "train", "loss": 1.0}\n{"step": 2, "spl')
+  assert reporting.read_metrics(str(path)) == [{"step": 1, "split": "train", "loss": 1.0}]
+  writer = reporting.MetricsWriter(str(tmp_path), enabled=True)
+  writer.write(2, "train", {"loss": 0.5})
+  writer.close()
+  assert [r["step"] for r in reporting.read_metrics(str(path))] == [1, 2]
+  assert all(json.loads(line) for line in path.read_text().splitlines())
+  reporting.plot_curves(str(path), str(tmp_path / "curves.png"), title="run")
+
+
+def _summary(workdir, **values):
+  os.makedirs(workdir, exist_ok=True)
+  base = {"epochs": 2, "train_steps": 10, "train_images_per_s": 100.0, "eval_split": "test", "device": "cpu x 1",
+          "wall_time_s": 60.0, "config": {"quant": {"enabled": True, "weight_bits": 2, "act_bits": 2, "backward": "ste"}}}
+  reporting.write_summary(str(workdir), {**base, **values})
+
+
+def test_table_of_preempted_unfinished_and_validation_runs(tmp_path):
+  _summary(tmp_path / "stopped", preempted=True, final_test_accuracy=None, final_test_loss=None, best_test_accuracy=0.5)
+  os.makedirs(tmp_path / "running")
+  _summary(tmp_path / "held_out", eval_split="validation", final_validation_accuracy=0.8,
+           best_validation_accuracy=0.85, final_test_accuracy=0.75)
+  table = reporting.results_table([str(tmp_path / n) for n in ("stopped", "running", "held_out")])
+  assert "| stopped (stopped early at step 10) | ste | W2A2 | - | 50.00 % | 2 | 100 |" in table
+  assert "| running (not finished: no summary.json) |" in table
+  assert "| held_out | ste | W2A2 | 75.00 % | 85.00 % (val.) | 2 | 100 |" in table
+  assert "cpu x 1" in reporting.provenance([str(tmp_path / "held_out")])
+
+
+def test_progress_rate_excludes_paused_time(monkeypatch):
+  clock = iter([0.0, 10.0])
+  monkeypatch.setattr(reporting.time, "perf_counter", lambda: next(clock))
+  stream = io.StringIO()
+  bar = reporting.ProgressBar(100, batch_size=10, stream=stream)
+  bar.update(10, loss=1.0)
+  bar.exclude(9.0)   # e.g. an evaluation: 1 s of training for 10 steps of 10 images
+  bar.update(20, loss=1.0)
+  assert "| 100 img/s |" in stream.getvalue().splitlines()[1]
+
+
+def test_delta_plot_has_a_y_label_a_readable_legend_and_the_run_name(tmp_path, monkeypatch):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  figures = []
+  monkeypatch.setattr(plt, "close", figures.append)
+  history = [{"step": s, "epoch": s, "quantizers": {"a": {"delta_w": 0.1 * s, "delta_a": 0.01}}} for s in (1, 2)]
+  reporting.plot_deltas(history, str(tmp_path / "deltas.png"), title="w2a2_ewgs")
+  (fig,) = figures
+  assert all(ax.get_ylabel() for ax in fig.axes)
+  assert fig.axes[1].get_legend().get_texts()[0].get_fontsize() >= 8
+  assert fig._suptitle.get_text() == "w2a2_ewgs"
