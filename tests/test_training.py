@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -64,11 +65,20 @@ def test_pege_rate_and_mu_seen_by_the_step_equal_the_schedules(pege_run):
   assert records[0]["rate"] < 1.0 and records[-1]["mu"] > 0.0
 
 
-def test_rerun_of_a_finished_run_resumes_and_a_different_config_is_refused(pege_run):
+def test_quantizers_logged_at_every_evaluation(pege_run):
+  _, workdir, _ = pege_run
+  records = [r for r in reporting.read_metrics(os.path.join(workdir, "metrics.jsonl")) if r.get("reason") == "eval"]
+  assert records and {"q_w_lower", "q_w_upper", "q_alpha"} <= set(records[-1]["quantizers"]["stage1_block0/conv1"])
+
+
+def test_rerun_of_a_finished_run_resumes_and_a_different_config_is_refused(pege_run, capsys):
   config, workdir, summary = pege_run
+  written = (reporting.read_summary(workdir))
   again = training.train_and_evaluate(config, workdir)
   assert again["train_steps"] == summary["train_steps"]
   assert again["final_test_accuracy"] == pytest.approx(summary["final_test_accuracy"])
+  assert reporting.read_summary(workdir) == written and written["train_images_per_s"] > 0   # not rewritten
+  assert "finished at step 8; nothing to do" in capsys.readouterr().err
   changed = small_config({"num_train_steps": 8, "quant.backward": "ste"})
   with pytest.raises(ValueError, match=r"quant\.backward: 'pege' -> 'ste'.*use a new --workdir"):
     training.train_and_evaluate(changed, workdir)
@@ -80,6 +90,49 @@ def test_loss_goes_down(tmp_path):
   training.train_and_evaluate(config, str(tmp_path))
   losses = [r["loss"] for r in train_losses(str(tmp_path))]
   assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+  assert not any("mu" in r or "rate" in r for r in train_losses(str(tmp_path)))   # PEGE-only metrics
+
+
+def test_divergence_stops_and_says_no_checkpoint_exists(tmp_path):
+  config = small_config({"num_train_steps": 8, "quant.enabled": False, "delta.mode": "off", "learning_rate": 1e6},
+                        variant="fp")
+  with pytest.raises(FloatingPointError, match=r"diverged: loss \(.*e\+.*\) at step \d; stopping\. No checkpoint was saved"):
+    training.train_and_evaluate(config, str(tmp_path))
+
+
+def test_warm_started_run_resumes_without_its_init_from_and_past_a_torn_metrics_line(tmp_path, monkeypatch, capsys):
+  fp = str(tmp_path / "fp")
+  training.train_and_evaluate(small_config({"num_train_steps": 3}, variant="fp"), fp)
+  qat = tmp_path / "qat"
+  config = small_config({"num_train_steps": 6, "checkpoint_every_steps": 100, "init_from": fp})
+  calls = {"n": 0}
+
+  def preempt_at_step_3():
+    calls["n"] += 1
+    return calls["n"] == 3
+
+  monkeypatch.setattr(checkpoints, "preemption_requested", preempt_at_step_3)
+  assert training.train_and_evaluate(config, str(qat))["preempted"]
+  monkeypatch.undo()
+  assert (qat / checkpoints.WARM_START_FILE).exists()
+  shutil.rmtree(fp)                                           # the FP run is gone ...
+  with open(qat / "metrics.jsonl", "a") as f:
+    f.write('{"step": 4, "split": "tra')                     # ... and a crash tore the last line
+  capsys.readouterr()
+  moved = small_config({"num_train_steps": 6, "checkpoint_every_steps": 100, "init_from": "../elsewhere/fp"})
+  summary = training.train_and_evaluate(moved, str(qat))
+  assert summary["train_steps"] == 6 and not summary["preempted"] and summary["train_images_per_s"] > 0
+  assert (qat / "curves.png").exists()
+  err = capsys.readouterr().err
+  assert "resumed from step 3 of 6" in err and "finished 6 steps" in err and str(qat) in err
+
+
+def test_a_run_that_failed_before_training_can_be_fixed_in_place(tmp_path):
+  with pytest.raises(FileNotFoundError, match="missing.npz"):
+    training.train_and_evaluate(small_config({"dataset": f"npz:{tmp_path}/missing.npz"}), str(tmp_path / "run"))
+  assert (tmp_path / "run" / "config.json").exists()
+  with pytest.raises(FileNotFoundError, match="other.npz"):   # not "a different config"
+    training.train_and_evaluate(small_config({"dataset": f"npz:{tmp_path}/other.npz"}), str(tmp_path / "run"))
 
 
 def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
@@ -136,7 +189,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
   monkeypatch.setattr(data.TrainIterator, "batch_at", poisoned_batch)
   monkeypatch.setattr(training, "cross_entropy", poisoned_loss)
   config = small_config({"num_train_steps": 8, "checkpoint_every_steps": 3, "log_every_steps": 2})
-  with pytest.raises(FloatingPointError, match=r"non-finite training loss \(nan\) at step 7"):
+  with pytest.raises(FloatingPointError, match=r"non-finite training loss \(nan\) at step 7.*checkpoint \(step 6\)"):
     training.train_and_evaluate(config, str(tmp_path))
   keeper = checkpoints.CheckpointKeeper(str(tmp_path))
   assert keeper.latest_step() == 6
@@ -157,7 +210,9 @@ def test_unknown_key_on_the_command_line():
   result = subprocess.run(
       [sys.executable, "train.py", "--config", "configs/quickstart.py:fp", "--workdir", "/tmp/unused",
        "--config.quant.bitz=3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-  assert result.returncode != 0 and "bitz" in result.stderr
+  assert result.returncode == 2 and "bitz" in result.stderr
+  assert "unknown config keys: quant.bitz (did you mean quant.act_bits?); valid keys: augment," in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
 def test_runtime_settings_do_not_count_as_a_different_config(pege_run):
