@@ -97,9 +97,16 @@ class CheckpointKeeper:
                                          options=options, item_names=("state", "extra"))
 
   def save(self, step: int, state: Any, extra: dict, metrics: dict | None = None) -> None:
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    extra=ocp.args.JsonSave(extra)),
-                      metrics=metrics, force=True)
+    """Starts an asynchronous save; a failure (of this one or of the previous one, e.g. a full
+    disk) raises :class:`CheckpointSaveError` naming the last good checkpoint."""
+    try:
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      extra=ocp.args.JsonSave(extra)),
+                        metrics=metrics, force=True)
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointSaveError(f"saving the checkpoint of step {step} in {self.manager.directory} failed "
+                                f"({type(e).__name__}: {e}); stopped. The last good checkpoint is "
+                                f"{self._last_good()}") from e
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

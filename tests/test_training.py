@@ -220,3 +220,21 @@ def test_runtime_settings_do_not_count_as_a_different_config(pege_run):
   config = small_config({"num_train_steps": 8, "progress_bar": True, "data_workers": 2,
                          "distributed.process_id": 1})
   assert training.train_and_evaluate(config, workdir)["train_steps"] == summary["train_steps"]
+
+
+def test_a_failed_checkpoint_save_stops_the_run_and_names_the_last_good_one(tmp_path, monkeypatch):
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler
+  real, calls = json_checkpoint_handler.JsonCheckpointHandler._save_fn, {"n": 0}
+
+  def disk_full_after_the_first_save(self, *args, **kwargs):
+    calls["n"] += 1
+    if calls["n"] > 1:
+      raise OSError(28, "No space left on device")
+    return real(self, *args, **kwargs)
+
+  monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", disk_full_after_the_first_save)
+  config = small_config({"num_train_steps": 8, "checkpoint_every_steps": 2})
+  with pytest.raises(checkpoints.CheckpointSaveError, match=r"No space left on device.*last good checkpoint is step 2"):
+    training.train_and_evaluate(config, str(tmp_path))
+  assert checkpoints.committed_steps(str(tmp_path)) == [2]
+  assert max(r["step"] for r in train_losses(str(tmp_path))) <= 5   # stopped at once, not at the end
