@@ -231,3 +231,13 @@ def test_sigterm_saves_exits_cleanly_and_resumes(tmp_path):
   for step in range(stopped + 4):   # the uninterrupted run
     w = w / 2 + step
   np.testing.assert_allclose(second["w"], w, rtol=1e-6)
+
+
+def test_loading_a_warm_start_logs_no_orbax_warnings(tmp_path, caplog):
+  keeper = checkpoints.CheckpointKeeper(str(tmp_path), max_to_keep=1)
+  keeper.save(1, toy_state(1.0), {})
+  keeper.wait_until_finished()
+  keeper.close()
+  with caplog.at_level("INFO"):
+    checkpoints.load_variables(str(tmp_path))
+  assert not [r for r in caplog.records if r.levelno >= 30], [r.getMessage() for r in caplog.records]
