@@ -44,6 +44,8 @@ def test_comparison_end_to_end_with_validation_then_resumes_without_retraining(t
   assert again.returncode == 0, again.stderr[-3000:]
   assert again.stdout.count("finished earlier") == 5 and "training in" not in again.stdout
   assert (run / "summary.json").stat().st_mtime_ns == stamp
+  changed = run_compare(workdir, "--validation", "200", "--qat-epochs", "3")   # a finished run is not silently reused
+  assert changed.returncode == 1 and "holds a finished run of another config (num_epochs: 2 there, 3 now)" in changed.stderr
 
 
 def test_bad_arguments_exit_non_zero_with_one_line():
