@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-all train clean
+.PHONY: install test test-all train compare clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ train: $(STAMP)
 	  $(PY) train.py --config configs/quickstart.py:$$v --config.init_from=$(QUICK)/fp --workdir $(QUICK)/$$v || exit 1; \
 	done
 	$(PY) -m ewgs_jax.reporting table $(QUICK)/fp $(QUICK)/w2a2_ste $(QUICK)/w2a2_ewgs $(QUICK)/w2a2_pege
+
+# A seeded comparison of STE, EWGS and PEGE on Fashion-MNIST (README "Comparing estimators on real
+# data"); needs the IDX files (Debian: apt-get install dataset-fashion-mnist, or --set data_dir=DIR).
+compare: $(STAMP)
+	$(PY) -m ewgs_jax.compare --preset cpu --workdir runs/compare
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -7,7 +7,7 @@ The functional core composes in plain JAX code::
     w_q = ej.interval(w, lower, upper, bits=2, weight=True, discretizer=disc)   # EWGS Eq. 1-3
 """
 
-from ewgs_jax.estimators import Discretizer, ewgs, get_estimator, pege, round_to_grid, ste
+from ewgs_jax.estimators import Discretizer, ewgs, get_estimator, pege, pege_relative, round_to_grid, ste
 from ewgs_jax.quantizers import clip, dorefa, interval, lsq, pact, scale_gradient
 from ewgs_jax.replacement import quantizer_key, replace, replacement_mask
 from ewgs_jax import schedules
@@ -24,6 +24,7 @@ __all__ = [
     "lsq",
     "pact",
     "pege",
+    "pege_relative",
     "quantizer_key",
     "replace",
     "replacement_mask",

@@ -136,18 +136,21 @@ def plan(args) -> tuple[Run, list[tuple[Rule, int, Run]]]:
   """The full-precision run and every (rule, seed, run) of the comparison."""
   preset = PRESETS[args.preset]
   config_path = os.path.join(CONFIG_DIR, f"{preset.config}.py")
-  common = {**preset.common, **_parse_sets(args.set)}
+  sets = _parse_sets(args.set)      # the command line wins over the preset, a rule's own overrides over both
   if args.validation:
-    common["validation_examples"] = args.validation
-  fp = Run("fp", os.path.join(args.workdir, "fp"), f"{config_path}:fp",
-           {**common, **preset.fp, "seed": args.fp_seed})
+    sets["validation_examples"] = args.validation
+  fp_sets = {"num_epochs": args.fp_epochs} if args.fp_epochs else {}
+  qat_sets = {"num_epochs": args.qat_epochs} if args.qat_epochs else {}
+  fp_dir = os.path.abspath(args.init_from or os.path.join(args.workdir, "fp"))
+  fp = Run("fp", fp_dir, f"{config_path}:fp", {**preset.common, **preset.fp, **sets, **fp_sets, "seed": args.fp_seed})
   runs = []
   for spec in args.rules:
     rule = parse_rule(spec)
     variant = f"w{args.bits}a{args.bits}_{rule.backward}"
     for seed in range(args.seeds):
       workdir = os.path.join(args.workdir, "runs", _slug(f"{variant}{spec[len(rule.backward):]}"), f"seed{seed}")
-      overrides = {**common, **preset.qat, **rule.overrides, "seed": seed, "init_from": os.path.abspath(fp.workdir)}
+      overrides = {**preset.common, **preset.qat, **sets, **qat_sets, **rule.overrides, "seed": seed,
+                   "init_from": fp_dir}
       runs.append((rule, seed, Run(f"{spec} seed {seed}", workdir, f"{config_path}:{variant}", overrides)))
   return fp, runs
 
@@ -162,10 +165,37 @@ def _parse_sets(items: list[str]) -> dict:
   return out
 
 
+def _same(planned, stored) -> bool:
+  """Whether a planned override (often a command-line string) equals a stored config value."""
+  if isinstance(stored, list):
+    stored = tuple(stored)
+  if isinstance(planned, str) and not isinstance(stored, str):
+    try:
+      return float(planned) == float(stored)
+    except (TypeError, ValueError):
+      return planned == _flag_value(stored) or planned.lower() == str(stored).lower()
+  return planned == stored or _flag_value(planned) == _flag_value(stored)
+
+
+def _differences(run: Run, summary: dict) -> list[str]:
+  out = []
+  for key, planned in run.overrides.items():
+    node = summary["config"]
+    for part in key.split("."):
+      node = node.get(part) if isinstance(node, dict) else None
+    if not _same(planned, node):
+      out.append(f"{key}: {node!r} there, {planned!r} now")
+  return out
+
+
 def execute(run: Run, log_dir: str, env: dict) -> dict:
   """Runs ``run`` through train.py unless it has finished; returns its summary."""
   done = run.summary()
   if done is not None:
+    differences = _differences(run, done)
+    if differences:
+      raise RuntimeError(f"{run.workdir} holds a finished run of another config ({'; '.join(differences)}); "
+                         "use a new --workdir")
     print(f"[compare] {run.name}: finished earlier ({run.workdir})", flush=True)
     return done
   os.makedirs(log_dir, exist_ok=True)
@@ -339,12 +369,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--validation", type=int, default=0,
                       help="hold out this many training examples and judge runs on them (for calibration)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every run")
+  parser.add_argument("--fp-epochs", type=int, default=0, help="epochs of the full-precision run (default: the preset's)")
+  parser.add_argument("--qat-epochs", type=int, default=0, help="epochs of each QAT run (default: the preset's)")
+  parser.add_argument("--init-from", default=None,
+                      help="a finished full-precision workdir to warm start from instead of training one")
   parser.add_argument("--jobs", type=int, default=1,
                       help="runs at once (on one GPU each gets 1/jobs of its memory; on a CPU they share the cores)")
   args = parser.parse_args(argv)
   args.argv = argv
-  if args.seeds < 1 or args.jobs < 1:
-    parser.error("--seeds and --jobs must be >= 1")
+  if args.seeds < 1 or args.jobs < 1 or args.fp_epochs < 0 or args.qat_epochs < 0:
+    parser.error("--seeds and --jobs must be >= 1, --fp-epochs and --qat-epochs >= 0")
   if not 1 <= args.bits <= 16:
     parser.error("--bits must be in 1..16")
   try:
@@ -366,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
   if args.jobs > 1:
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / args.jobs:.3f}")
   log_dir = os.path.join(args.workdir, "logs")
+  if args.init_from and fp.summary() is None:
+    print(f"[compare] --init-from {args.init_from}: no finished run there (summary.json)", file=sys.stderr)
+    return 2
   try:
     fp_summary = execute(fp, log_dir, env)
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:

@@ -180,6 +180,12 @@ def pege(x: Array, bits: int, mu: Array | float) -> Array:
   latent value is also pulled towards its quantized value. ``x_c - x_q`` is measured in the
   normalised [0, 1] latent domain of the discretizer (for every forward method), which makes ``mu``
   independent of a layer's range. ``mu = 0`` is exactly STE. ``mu`` gets a zero cotangent.
+
+  With progressive replacement (PEGE Eq. 3) the replacement happens after this discretizer, so the
+  ``mu`` term is also added on elements that replacement kept at full precision (their ``g`` is 0
+  here); the paper applies Eq. 5 to quantized elements only. ``mu`` is per-element and absolute,
+  so its effect depends on the loss scale, batch size and layer size: see :func:`pege_relative`
+  (the library's default).
   """
   return _pege(x, check_bits(bits), jnp.asarray(mu, jnp.float32))
 

@@ -8,6 +8,11 @@ For a layer quantized with the EWGS interval method (EWGS Eq. 1-3):
 * the layer output is ``|alpha| conv(a_q, w_q) = |alpha| s_a (s_w conv(k_a, k_w) + o_w conv(k_a, 1))``,
   where both convolutions run on integers with int32 accumulation.
 
+The integer convolution is written as integer patches (pad + strided slices, no arithmetic) times
+the kernel codes in one ``dot_general`` with an int32 accumulator, not as ``conv_general_dilated``
+on integers: integer-typed convolutions are UNIMPLEMENTED on XLA's GPU backend, integer dots run on
+CPU, GPU and TPU. The result is exact (no float rounding before the final scaling).
+
 :func:`export_model` returns a plain pytree of numpy arrays (saveable with ``np.savez`` or orbax).
 Layers using other forward methods (PACT, LSQ, DoReFa) are not exported yet.
 """
@@ -61,15 +66,57 @@ def export_model(quant: QuantConfig, params: dict) -> dict[str, dict]:
   return exported
 
 
+def _patches(x, window: tuple[int, int], strides, padding) -> jnp.ndarray:
+  """``(N, H_out, W_out, kh * kw, C)`` windows of an NHWC array (pads with zeros; no arithmetic)."""
+  kh, kw = window
+  sh, sw = strides
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(x.shape[1:3], window, strides, padding)
+  (pt, pb), (pl, pr) = padding
+  x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  h_out, w_out = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+  return jnp.stack([x[:, i:i + sh * (h_out - 1) + 1:sh, j:j + sw * (w_out - 1) + 1:sw, :]
+                    for i in range(kh) for j in range(kw)], axis=3)
+
+
+def integer_conv_codes(a_codes, w_codes, strides=(1, 1), padding="SAME", feature_group_count: int = 1):
+  """``(conv(k_a, k_w), conv(k_a, 1))`` of integer codes, int32-accumulated, on every backend.
+
+  Args:
+    a_codes: NHWC activation codes (any integer dtype).
+    w_codes: HWIO weight codes (any integer dtype), ``I = C / feature_group_count``.
+    strides, padding, feature_group_count: as ``lax.conv_general_dilated``.
+
+  Returns:
+    Two int32 NHWC arrays: the code convolution and the sum of activation codes under each window
+    (per output channel), the two integer terms of the exported layer's output.
+  """
+  kh, kw, per_group, out = w_codes.shape
+  groups = feature_group_count
+  patches = _patches(jnp.asarray(a_codes, jnp.int32), (kh, kw), tuple(strides), padding)
+  n, h, w = patches.shape[:3]
+  patches = patches.reshape(n, h, w, kh * kw, groups, per_group)
+  kernel = jnp.asarray(w_codes, jnp.int32).reshape(kh * kw, per_group, groups, out // groups)
+  acc = jnp.einsum("nhwkgc,kcgo->nhwgo", patches, kernel, preferred_element_type=jnp.int32)
+  count = jnp.sum(patches, axis=(3, 5), dtype=jnp.int32)[..., None]          # (n, h, w, groups, 1)
+  count = jnp.broadcast_to(count, acc.shape)
+  return acc.reshape(n, h, w, out), count.reshape(n, h, w, out)
+
+
 def integer_conv(x, layer: dict, strides=(1, 1), padding="SAME", feature_group_count: int = 1):
-  """Reference forward of an exported conv layer with integer arithmetic (NHWC input, float)."""
+  """Reference forward of an exported conv layer with integer arithmetic (NHWC float input).
+
+  Args:
+    x: the layer's float input.
+    layer: an entry of :func:`export_model` (or :func:`export_layer`'s result).
+    strides, padding, feature_group_count: the layer's convolution settings.
+
+  Returns:
+    The layer output ``|alpha| s_a (s_w conv(k_a, k_w) + o_w conv(k_a, 1))`` (float32), with both
+    convolutions computed exactly on integers (:func:`integer_conv_codes`).
+  """
   a_codes = _codes(x, float(layer["act_lower"]), float(layer["act_upper"]), int(layer["act_bits"]))
-  a_codes = jnp.asarray(a_codes, jnp.int32)
-  w_codes = jnp.asarray(layer["weight_codes"], jnp.int32)
-  conv = lambda lhs, rhs: lax.conv_general_dilated(lhs, rhs, strides, padding, dimension_numbers=NHWC,
-                                                   feature_group_count=feature_group_count)
-  acc = conv(a_codes, w_codes)                                   # int32 accumulation
-  count = conv(a_codes, jnp.ones_like(w_codes))                  # sum of codes under each window
+  acc, count = integer_conv_codes(a_codes, layer["weight_codes"], strides, padding, feature_group_count)
   out = layer["act_scale"] * (layer["weight_scale"] * acc.astype(jnp.float32)
                               + layer["weight_offset"] * count.astype(jnp.float32))
   return layer["alpha"] * out

@@ -15,5 +15,9 @@ CACHE_DIR = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(temp
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
+# The tests check rules against float32/float64 formulas: pin full float32 matmuls and convolutions,
+# which GPUs otherwise run as TF32 (~1e-3 relative error; the library leaves the backend default,
+# README "Choices where the papers are open"). No effect on CPU, where float32 is already exact.
+jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)

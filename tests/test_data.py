@@ -150,3 +150,98 @@ def test_mnist_through_mock_data_is_grayscale():
     assert info.image_shape == (28, 28, 1) and len(info.mean) == 1 and info.augmentation == "crop"
     batch = next(data.make_train_iterator("mnist", global_batch_size=16, seed=0))
     assert batch["image"].shape == (16, 28, 28, 1) and batch["label"].dtype == np.int32
+
+
+# --- local files: IDX (mnist, fashion_mnist) and npz ----------------------------------------------
+
+
+def _write_idx(path, array, gz):
+  import gzip
+  header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+  payload = header + np.ascontiguousarray(array, np.uint8).tobytes()
+  opener = gzip.open if gz else open
+  with opener(str(path) + (".gz" if gz else ""), "wb") as f:
+    f.write(payload)
+
+
+def _idx_dataset(directory, n_train=40, n_test=12, seed=0):
+  rng = np.random.default_rng(seed)
+  arrays = {"train": (rng.integers(0, 256, (n_train, 28, 28)), rng.integers(0, 10, n_train)),
+            "test": (rng.integers(0, 256, (n_test, 28, 28)), rng.integers(0, 10, n_test))}
+  directory.mkdir(parents=True, exist_ok=True)
+  for split, (images, labels) in arrays.items():
+    images_stem, labels_stem = data.IDX_FILES[split]
+    _write_idx(directory / images_stem, images, gz=split == "train")    # one split gzipped, one not
+    _write_idx(directory / labels_stem, labels, gz=False)
+  return arrays
+
+
+def test_idx_files_are_read_exactly_gzipped_or_not(tmp_path):
+  arrays = _idx_dataset(tmp_path / "fashion_mnist")
+  np.testing.assert_array_equal(data.read_idx(tmp_path / "fashion_mnist" / "train-images-idx3-ubyte.gz"),
+                                arrays["train"][0])
+  for data_dir in (tmp_path, tmp_path / "fashion_mnist"):   # data_dir itself or data_dir/<name>
+    info = data.get_dataset_info("fashion_mnist", str(data_dir))
+    assert info.num_classes == 10 and info.image_shape == (28, 28, 1) and info.mean == data.MEAN_STD["fashion_mnist"][0]
+    batches = list(data.make_eval_iterator("fashion_mnist", global_batch_size=5, data_dir=str(data_dir)))
+    labels = np.concatenate([b["label"][b["mask"] > 0] for b in batches])
+    np.testing.assert_array_equal(labels, arrays["test"][1])
+    expected = (arrays["test"][0][:5, :, :, None] / 255.0 - 0.2860) / 0.3530
+    np.testing.assert_allclose(batches[0]["image"], expected, rtol=1e-5, atol=1e-5)
+  it = data.make_train_iterator("fashion_mnist", global_batch_size=8, seed=0, data_dir=str(tmp_path), augment=False)
+  assert it.steps_per_epoch == 5 and next(it)["image"].shape == (8, 28, 28, 1)
+
+
+def test_corrupt_idx_files_and_missing_ones_name_the_problem(tmp_path):
+  (tmp_path / "bad").write_bytes(b"\x08\x03\x00\x00junk")
+  with pytest.raises(ValueError, match="not an IDX file"):
+    data.read_idx(tmp_path / "bad")
+  short = tmp_path / "short"
+  _write_idx(short, np.zeros((4, 3), np.uint8), gz=False)
+  short.write_bytes(short.read_bytes()[:-2])
+  with pytest.raises(ValueError, match=r"header says \(4, 3\)"):
+    data.read_idx(short)
+  (tmp_path / "mnist").mkdir()
+  with pytest.raises(Exception, match=r"expected the IDX files train-images-idx3-ubyte\[\.gz\].*t10k-labels-idx1-ubyte"):
+    list(data.make_eval_iterator("mnist", global_batch_size=4, data_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+def test_npz_arrays_of_a_user(tmp_path, dtype):
+  rng = np.random.default_rng(0)
+  x_train = rng.integers(0, 256, (30, 12, 12, 3)).astype(np.uint8)
+  x_test = rng.integers(0, 256, (7, 12, 12, 3)).astype(np.uint8)
+  if dtype == "float32":
+    x_train, x_test = x_train / np.float32(255), x_test / np.float32(255)
+  path = tmp_path / f"mine_{dtype}.npz"
+  np.savez(path, x_train=x_train, y_train=rng.integers(0, 4, 30), x_test=x_test, y_test=np.array([5, 0, 1, 2, 3, 4, 0]))
+  name = f"npz:{path}"
+  info = data.get_dataset_info(name)
+  assert info.num_classes == 6 and info.image_shape == (12, 12, 3)
+  scaled = np.asarray(x_train, np.float64) / (255.0 if dtype == "uint8" else 1.0)
+  np.testing.assert_allclose(info.mean, scaled.mean((0, 1, 2)), rtol=1e-5)
+  batch = data.make_train_iterator(name, global_batch_size=10, seed=0, augment=False).batch_at(0, 0)
+  assert batch["image"].shape == (10, 12, 12, 3)
+  assert sum(b["mask"].sum() for b in data.make_eval_iterator(name, global_batch_size=4)) == 7
+  np.savez(tmp_path / "partial.npz", x_train=x_train, y_train=np.zeros(30))
+  with pytest.raises(ValueError, match=r"lacks \['x_test', 'y_test'\]"):
+    data.get_dataset_info(f"npz:{tmp_path / 'partial.npz'}")
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    data.get_dataset_info(f"npz:{tmp_path / 'nothing.npz'}")
+
+
+def test_validation_hold_out_is_fixed_and_disjoint_from_training():
+  subset = data.Split(validation=100, train_limit=500)
+  train = data._source("digits", "train", None, subset)
+  held = data._source("digits", "validation", None, subset)
+  assert (len(train), len(held)) == (500, 100) and subset.eval_split == "validation"
+  assert not set(train.indices) & set(held.indices)
+  again = data._source("digits", "validation", None, data.Split(validation=100))   # any train_limit, any seed
+  np.testing.assert_array_equal(held.indices, again.indices)
+  assert len(data._source("digits", "train", None, data.Split(validation=100))) == 1437 - 100
+  batches = list(data.make_eval_iterator("digits", global_batch_size=64, subset=subset))
+  assert sum(b["mask"].sum() for b in batches) == 100
+  test = list(data.make_eval_iterator("digits", global_batch_size=64, split="test", subset=subset))
+  assert sum(b["mask"].sum() for b in test) == 360
+  with pytest.raises(ValueError, match="cannot hold out 1437"):
+    data._source("digits", "train", None, data.Split(validation=1437))

@@ -210,3 +210,48 @@ if given is not None:
                                g + np.float32(mu) * error, rtol=1e-6, atol=1e-6)
     # XLA:CPU turns the division by 2^b - 1 into a reciprocal multiply under jit: allow 1 ulp.
     np.testing.assert_allclose(ste(jnp.asarray(x), bits), q, rtol=2.5e-7, atol=0)
+
+
+# --- PEGE with mu relative to the spread of g_q -------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_relative_pege_vjp_equals_its_formula(bits):
+  x = latent_inputs(bits)
+  rng = np.random.default_rng(bits + 11)
+  g = jnp.asarray(rng.normal(0.0, 0.01, x.shape).astype(np.float32))
+  error = np.asarray(x) - np.asarray(ste(x, bits))
+  mu = 0.7
+  spread = 3.0 * np.std(np.asarray(g, np.float64), ddof=1)
+  np.testing.assert_allclose(vjp(lambda v: estimators.pege_relative(v, bits, mu), x, g),
+                             np.asarray(g) + mu * spread * error, rtol=1e-5, atol=1e-9)
+  np.testing.assert_array_equal(vjp(lambda v: estimators.pege_relative(v, bits, 0.0), x, g), g)
+
+
+def _quantized_conv_loss(rule, mu):
+  """A conv with interval-quantized weights and activations whose backward is ``rule(mu)``."""
+  from ewgs_jax import quantizers
+  disc = functools.partial(rule, mu=mu)
+
+  def loss(params, x, scale):
+    w_q = quantizers.interval(params["w"], params["lw"], params["uw"], bits=2, weight=True, discretizer=disc)
+    x_q = quantizers.interval(x, params["la"], params["ua"], bits=2, weight=False, discretizer=disc)
+    y = jax.lax.conv_general_dilated(x_q, w_q, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return scale * jnp.mean((y - 0.3) ** 2)
+
+  return loss
+
+
+def test_relative_pege_update_direction_is_invariant_to_the_loss_scale():
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(0, 0.3, (3, 3, 4, 4)), jnp.float32), "lw": jnp.float32(-0.5),
+            "uw": jnp.float32(0.5), "la": jnp.float32(0.0), "ua": jnp.float32(1.5)}
+  x = jnp.asarray(rng.uniform(0, 2, (8, 6, 6, 4)), jnp.float32)
+  for rule, invariant in ((estimators.pege_relative, True), (pege, False)):
+    grad = jax.jit(jax.grad(_quantized_conv_loss(rule, 0.5)))
+    base = grad(params, x, 1.0)
+    for c in (1e-3, 1e3):
+      scaled = jax.tree.map(lambda a: a / c, grad(params, x, c))
+      close = [np.allclose(s, b, rtol=1e-4, atol=1e-9) for s, b in zip(jax.tree.leaves(scaled), jax.tree.leaves(base))]
+      # relative mu: every gradient scales exactly with the loss; absolute mu (PEGE Eq. 5 as written): it does not
+      assert all(close) if invariant else not all(close), (rule, c, close)

@@ -35,3 +35,23 @@ def test_export_model_finds_every_interval_layer():
   assert sorted(exported) == layers.quantizable_layers(model, x)
   assert exported["stage3_block0/conv1"]["weight_codes"].max() <= 15
   assert exported["stage1_block0/conv1"]["weight_codes"].max() <= 3
+
+
+@pytest.mark.parametrize("strides,padding,groups", [((1, 1), "SAME", 1), ((2, 2), "VALID", 1),
+                                                    ((2, 1), [(1, 2), (0, 1)], 1), ((1, 1), "SAME", 3)])
+def test_integer_codes_convolution_is_exact_and_uses_no_convolution_op(strides, padding, groups):
+  rng = np.random.default_rng(groups)
+  a = rng.integers(0, 256, (2, 9, 8, 6))
+  w = rng.integers(0, 256, (3, 3, 6 // groups, 6))
+  conv = jax.jit(lambda a, w: export.integer_conv_codes(a, w, strides, padding, groups))
+  acc, count = conv(a, w)
+  # exact reference in float64 (every partial sum is an integer below 2^53)
+  ref = lambda lhs, rhs: np.asarray(jax.lax.conv_general_dilated(
+      np.asarray(lhs, np.float32), np.asarray(rhs, np.float32), strides, padding,
+      dimension_numbers=export.NHWC, feature_group_count=groups, precision="highest"), np.float64)
+  np.testing.assert_array_equal(acc, np.round(ref(a, w)).astype(np.int64))
+  np.testing.assert_array_equal(count, np.round(ref(a, np.ones_like(w))).astype(np.int64))
+  assert acc.dtype == count.dtype == np.int32
+  # no integer convolution (UNIMPLEMENTED on XLA's GPU backend): an integer dot does the work
+  hlo = conv.lower(a, w).as_text()
+  assert "convolution" not in hlo and "dot_general" in hlo

@@ -107,3 +107,69 @@ def test_traced_step_arrays_under_jit_and_vmap():
   np.testing.assert_allclose(m, 2.0 * (1 - np.exp(-0.002 * t)), rtol=1e-5, atol=1e-7)
   assert np.all((r > 0) & (r <= 1)) and np.all(np.diff(r) >= 0)
   assert np.all((m >= 0) & (m <= 2.0)) and np.all(np.diff(m) >= 0)
+
+
+# --- ramps as fractions of the run (config pege.rate_ramp / pege.mu_ramp) ------------------------
+
+
+def _pege_config(**changes):
+  from ewgs_jax import config as config_lib
+  c = config_lib.default_config().pege
+  for key, value in changes.items():
+    c[key] = value
+  return c
+
+
+@pytest.mark.parametrize("total_steps", [120, 48_000])
+def test_fraction_ramps_reach_their_values_at_the_same_fraction_of_any_run(total_steps):
+  from ewgs_jax import config as config_lib
+  c = _pege_config(rate_ramp=0.25, mu_ramp=0.5)
+  mu_max = c.mu_kwargs.mu_max
+  rate, mu = config_lib.pege_schedules(c, total_steps)
+  end_rate, end_mu = round(0.25 * total_steps), round(0.5 * total_steps)
+  assert float(rate(0)) == pytest.approx(np.log10(2.0), rel=1e-6)       # B = 10, b = 2: p_0 = log_10 2
+  assert float(rate(end_rate - 2)) < 1.0 and float(rate(end_rate)) == pytest.approx(1.0, abs=1e-6)
+  assert float(rate(total_steps)) == 1.0
+  # halfway through the ramp: the same p in both run lengths (log_10(2 + 8 * 0.5) = log_10 6)
+  assert float(rate(end_rate / 2)) == pytest.approx(np.log10(6.0), rel=1e-5)
+  assert float(mu(0)) == 0.0
+  assert float(mu(end_mu)) == pytest.approx(0.99 * mu_max, rel=1e-5)
+  assert float(mu(end_mu / 2)) == pytest.approx(0.9 * mu_max, rel=1e-5)    # 1 - sqrt(0.01)
+
+
+@pytest.mark.parametrize("kind,shape", [("linear", {"initial_rate": 0.2}), ("cosine", {"initial_rate": 0.2}),
+                                        ("exponential", {"initial_rate": 0.2}),
+                                        ("logarithmic", {"base": 10.0, "b": 3.0})])
+def test_every_rate_ramp_reaches_one_at_its_transition(kind, shape):
+  for t1 in (10, 1000):
+    f = schedules.rate_schedule_over(kind, t1, **shape)
+    assert float(f(int(0.9 * t1))) < 1.0 - 1e-3
+    assert float(f(t1)) == pytest.approx(1.0, abs=1e-5) and float(f(3 * t1)) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind,shape,level", [("linear", {}, 1.0), ("logarithmic", {"base": 10.0}, 1.0),
+                                              ("exponential", {}, 0.99)])
+def test_every_mu_ramp_reaches_its_level_at_its_transition(kind, shape, level):
+  for t1 in (10, 1000):
+    f = schedules.mu_schedule_over(kind, t1, mu_max=2.0, **shape)
+    assert float(f(0)) == 0.0 and float(f(int(0.8 * t1))) < 2.0 * level
+    assert float(f(t1)) == pytest.approx(2.0 * level, rel=1e-5)
+
+
+def test_per_step_constants_stay_available_and_mixing_them_with_a_ramp_is_refused():
+  from ewgs_jax import config as config_lib
+  c = _pege_config(rate_ramp=0.0, mu_ramp=0.0)
+  c.rate_kwargs = {"base": 10.0, "k": 1e-3, "b": 2.0}
+  c.mu_kwargs = {"mu_max": 0.5, "k": 1e-3}
+  for total in (100, 100_000):   # absolute: the run length does not matter
+    rate, mu = config_lib.pege_schedules(c, total)
+    assert float(rate(8000)) == pytest.approx(1.0) and float(rate(4000)) == pytest.approx(np.log10(6.0), rel=1e-5)
+    assert float(mu(1000)) == pytest.approx(0.5 * (1 - np.exp(-1.0)), rel=1e-5)
+  full = config_lib.default_config()
+  full.pege.rate_kwargs = {"base": 10.0, "k": 1e-3, "b": 2.0}     # k with a ramp: the ramp sets k
+  with pytest.raises(ValueError, match="config.pege schedules are invalid"):
+    config_lib.validate(full)
+  full = config_lib.default_config()
+  full.pege.mu_ramp = 1.5
+  with pytest.raises(ValueError, match="pege.mu_ramp=1.5 is invalid"):
+    config_lib.validate(full)

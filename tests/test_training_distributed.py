@@ -16,7 +16,9 @@ from tests.training_configs import ROOT
 
 
 def run_in_subprocess(workdir, overrides, env_extra=None, timeout=300):
-  env = {**os.environ, **(env_extra or {})}
+  # CPU devices (fake ones via XLA_FLAGS): on a GPU host two processes would share the one GPU,
+  # which NCCL refuses ("Duplicate GPU detected"), and the device counts here are the CPU's.
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
   return subprocess.Popen([sys.executable, "tests/run_training.py", str(workdir), json.dumps(overrides)], cwd=ROOT,
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
