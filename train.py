@@ -63,7 +63,10 @@ def main(argv):
   if FLAGS.config is None or FLAGS.workdir is None:
     _fail("--config and --workdir are required (python train.py --help)", EXIT_USAGE)
   logging.set_verbosity(logging.INFO if FLAGS.verbose else logging.WARNING)
-  # Before anything starts the JAX backend: the allocator settings only reach threads created later.
+  # Before anything starts the JAX backend: the allocator settings only reach threads created later,
+  # and XLA reads its flags once.
+  if FLAGS.config.deterministic:
+    training.enable_deterministic_ops()
   if hostmem.tune(FLAGS.config.host_allocator):
     logging.info("host allocator tuned for XLA:CPU (ewgs_jax.hostmem)")
   try:

@@ -1,6 +1,7 @@
 """ResNet-20 training-step cost: full precision vs W2A2 STE / EWGS / PEGE, XLA vs fast conv.
 
     python benchmarks/bench_resnet20.py [--batch 256] [--repeats 5] [--conv auto,xla,fast]
+    python benchmarks/bench_resnet20.py --cases fp,ste,pege,pege:rbg,pege:unsafe_rbg   # PEGE mask PRNGs
 
 Each case is the real jitted ``train_step`` of :mod:`ewgs_jax.training` (forward, backward,
 optimizer update, BatchNorm) on random 32x32x3 data, timed with interleaved repeats. Prints
@@ -23,7 +24,7 @@ from ewgs_jax import layers, ops, parallel, training  # noqa: E402
 from tests.training_configs import load_config  # noqa: E402
 
 
-def make_case(backward: str | None, batch: dict, mesh, steps: int = 1000):
+def make_case(backward: str | None, batch: dict, mesh, steps: int = 1000, rng_impl: str = "threefry2x32"):
   config = load_config("cifar10_resnet20", "fp" if backward is None else f"w2a2_{backward}")
   model = training.build_model(config, 10)
   tx = training.make_optimizer(config, steps)
@@ -33,9 +34,10 @@ def make_case(backward: str | None, batch: dict, mesh, steps: int = 1000):
                               batch_stats=variables["batch_stats"], quant_state=variables.get("quant_state", {}),
                               opt_state=tx.init(variables["params"]))
   holder = {"state": state}
+  key = jax.random.key(1, impl=rng_impl)   # the replacement masks' PRNG (config pege.rng_impl)
 
   def run():
-    holder["state"], metrics = train_step(holder["state"], batch, jax.random.key(1))
+    holder["state"], metrics = train_step(holder["state"], batch, key)
     return metrics["loss"]
 
   return run
@@ -56,7 +58,9 @@ def main():
   for impl in args.conv.split(","):
     with ops.conv_impl(impl):
       for case in args.cases.split(","):
-        fns[f"{case} / conv {ops.selected_impl()}"] = make_case(None if case == "fp" else case, batch, mesh)
+        backward, _, rng_impl = case.partition(":")
+        fns[f"{case} / conv {ops.selected_impl()}"] = make_case(None if backward == "fp" else backward, batch, mesh,
+                                                                 rng_impl=rng_impl or "threefry2x32")
   medians = time_interleaved(fns, repeats=args.repeats)
   print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}, batch {args.batch}")
   print(f"{'case':<24} {'median s':>10} {'images/s':>10} {'vs fp (same conv)':>18}")

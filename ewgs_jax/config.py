@@ -21,6 +21,8 @@ from ewgs_jax import schedules
 from ewgs_jax.schedules import MU_SCHEDULES, RATE_SCHEDULES
 
 PEGE_MU_MAX = 1e-2   # in units of 3 sigma(g_q): chosen by the Fashion-MNIST sweep (README, "Calibration")
+RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+MATMUL_PRECISIONS = ("default", "high", "highest")
 QUANT_METHODS = ("interval", "pact", "lsq", "dorefa", "none")
 OPTIMIZERS = ("adam", "sgd")
 DELTA_MODES = ("hessian", "fixed", "off")
@@ -50,6 +52,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.half_precision = False      # bfloat16 activations/compute, float32 params
   c.conv_impl = "auto"          # 'fast' custom-VJP conv on CPU, XLA's elsewhere
   c.host_allocator = "auto"     # 'tuned' glibc malloc for XLA:CPU (ewgs_jax.hostmem); applied by train.py
+  c.matmul_precision = "default"  # 'default' (TF32 on recent GPUs), 'high', 'highest' (full float32 everywhere)
+  c.deterministic = False       # GPU: deterministic XLA ops (bit-exact resume; slower); set by train.py at start
   # Quantization (EWGS Sec. 3.1; PEGE Sec. 3.1). quant.enabled=False trains full precision.
   c.quant = ml_collections.ConfigDict()
   c.quant.enabled = True
@@ -87,6 +91,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.pege.mu_ramp = 0.1
   c.pege.mu_scale = "gradient"
   c.pege.granularity = "element"
+  c.pege.rng_impl = "threefry2x32"  # PRNG of the replacement masks: threefry2x32 | rbg | unsafe_rbg (cheaper)
   # Optimisers (EWGS Sec. 4.1): network weights and quantizer parameters separately.
   c.optimizer = "adam"          # adam (CIFAR ResNet-20) | sgd (ImageNet)
   c.learning_rate = 1e-3
@@ -233,6 +238,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice("pege.mu_schedule", config.pege.mu_schedule, sorted(MU_SCHEDULES))
   _choice("pege.granularity", config.pege.granularity, GRANULARITIES)
   _choice("pege.mu_scale", config.pege.mu_scale, sorted(PEGE_MU_SCALES))
+  _choice("pege.rng_impl", config.pege.rng_impl, RNG_IMPLS)
+  _choice("matmul_precision", config.matmul_precision, MATMUL_PRECISIONS)
   for name in ("rate_ramp", "mu_ramp"):
     if not 0.0 <= config.pege[name] <= 1.0:
       raise ValueError(f"config.pege.{name}={config.pege[name]!r} is invalid; it must be a fraction of the run "

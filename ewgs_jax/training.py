@@ -180,6 +180,25 @@ def warm_start_source(config: ml_collections.ConfigDict, workdir: str) -> dict |
   return variables
 
 
+DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def enable_deterministic_ops(environ=os.environ) -> None:
+  """Adds XLA's deterministic-GPU-ops flag to ``XLA_FLAGS`` (call before JAX starts its backend).
+
+  On a GPU, reductions (e.g. in convolution gradients) may otherwise run in a different order
+  from one run to the next, so a killed-and-resumed run is not bit-identical to an uninterrupted
+  one. No effect on CPU, whose results are already reproducible.
+  """
+  flags = environ.get("XLA_FLAGS", "")
+  if DETERMINISTIC_FLAG not in flags.split():
+    environ["XLA_FLAGS"] = f"{flags} {DETERMINISTIC_FLAG}".strip()
+
+
+def deterministic_ops_enabled(environ=os.environ) -> bool:
+  return DETERMINISTIC_FLAG in environ.get("XLA_FLAGS", "").split()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains ``config.model`` on ``config.dataset`` in ``workdir``, resuming if it holds a run.
 
@@ -197,6 +216,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
   if jax.process_index() == 0:
     cleanup.enter_context(checkpoints.WorkdirLock(workdir))
   ops.set_conv_impl(config.conv_impl)
+  if config.matmul_precision != "default":    # traced (and so compiled) under this precision
+    cleanup.enter_context(jax.default_matmul_precision(config.matmul_precision))
+  if config.deterministic and not deterministic_ops_enabled():
+    log.warning("config.deterministic is set but XLA_FLAGS lacks %s: set it before JAX starts (train.py does)",
+                DETERMINISTIC_FLAG)
   mesh = parallel.make_mesh()
   parallel.check_batch_divisible(config.batch_size, mesh)
   parallel.check_batch_divisible(config.eval_batch_size, mesh, "eval batch size")
@@ -231,6 +255,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
   train_step, eval_step = make_steps(model, tx, config, mesh, total_steps)
   replicated = parallel.replicated(mesh)
   init_key, step_key, delta_key = jax.random.split(jax.random.key(config.seed), 3)
+  if config.pege.rng_impl != "threefry2x32":   # replacement masks from a cheaper PRNG (one per element per step)
+    step_key = jax.random.key(config.seed, impl=config.pege.rng_impl)
 
   # 2. State: the latest checkpoint, or a data-driven initialisation (EWGS Sec. 4.1) on the first
   # training batch, warm-started from a full-precision run when ``init_from`` is set.

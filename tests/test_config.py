@@ -1,5 +1,7 @@
 """Config validation fails fast, naming the bad key or value and listing what is valid."""
 
+import re
+
 import pytest
 
 from ewgs_jax import config as config_lib
@@ -70,3 +72,26 @@ def test_describe_lists_every_key_with_default_and_meaning():
   assert lines["quant.backward"].startswith("quant.backward = 'ewgs'") and "ste | ewgs | pege" in lines["quant.backward"]
   assert "full-precision workdir to warm start" in lines["init_from"]
   assert all(len(line.split(None, 3)) == 4 for line in lines.values()), "every key has a meaning"
+
+
+@pytest.mark.parametrize("key,value,choices", [("pege.rng_impl", "philox", "threefry2x32"),
+                                               ("matmul_precision", "tf32", "highest")])
+def test_precision_and_prng_choices_are_validated(key, value, choices):
+  c = config_lib.default_config()
+  node, leaf = (c.pege, "rng_impl") if key.startswith("pege.") else (c, key)
+  node[leaf] = value
+  with pytest.raises(ValueError, match=rf"config.{re.escape(key)}='{value}' is invalid; valid choices: .*{choices}"):
+    config_lib.validate(c)
+
+
+def test_deterministic_ops_flag_is_added_once_and_kept_with_other_flags():
+  from ewgs_jax import training
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  assert not training.deterministic_ops_enabled(env)
+  training.enable_deterministic_ops(env)
+  training.enable_deterministic_ops(env)
+  assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2", "--xla_gpu_deterministic_ops=true"]
+  assert training.deterministic_ops_enabled(env)
+  empty = {}
+  training.enable_deterministic_ops(empty)
+  assert empty == {"XLA_FLAGS": "--xla_gpu_deterministic_ops=true"}

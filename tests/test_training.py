@@ -238,3 +238,14 @@ def test_a_failed_checkpoint_save_stops_the_run_and_names_the_last_good_one(tmp_
     training.train_and_evaluate(config, str(tmp_path))
   assert checkpoints.committed_steps(str(tmp_path)) == [2]
   assert max(r["step"] for r in train_losses(str(tmp_path))) <= 5   # stopped at once, not at the end
+
+
+def test_replacement_masks_follow_the_configured_prng(pege_run, tmp_path):
+  _, workdir, _ = pege_run
+  config = small_config({"num_train_steps": 8, "pege.rng_impl": "unsafe_rbg"})
+  training.train_and_evaluate(config, str(tmp_path))
+  ours, default = train_losses(str(tmp_path)), train_losses(workdir)
+  assert [r["rate"] for r in ours] == [r["rate"] for r in default] and ours[0]["rate"] < 1.0
+  losses = np.array([r["loss"] for r in ours])
+  # other masks from the first step on (p < 1), so other losses; training still works
+  assert np.all(np.isfinite(losses)) and not np.allclose(losses, [r["loss"] for r in default])
