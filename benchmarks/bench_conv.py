@@ -84,20 +84,20 @@ print("TORCH_STEP_MEDIAN_S", statistics.median(times))
 
 
 def grads(impl, x, w, g, stride, what):
-  with ops.conv_impl(impl):
-    def conv(x_, w_):
-      return ops.conv_general_dilated(x_, w_, (stride, stride), [(1, 1), (1, 1)], dimension_numbers=ops.NHWC)
+  def conv(x_, w_):
+    return ops.conv_general_dilated(x_, w_, (stride, stride), [(1, 1), (1, 1)], dimension_numbers=ops.NHWC,
+                                    impl=impl)
 
-    if what == "weight":
-      fn = jax.jit(lambda x, w, g: jax.vjp(lambda w_: conv(x, w_), w)[1](g)[0])
-    elif what == "both":
-      fn = jax.jit(lambda x, w, g: jax.vjp(conv, x, w)[1](g))
-    else:   # "loop": the full VJP as the body of a one-trip fori_loop (trip count unknown to XLA)
-      def looped(x, w, g, n):
-        body = lambda i, acc: jax.tree.map(jnp.add, acc, jax.vjp(conv, x, w)[1](g * (1.0 + i)))
-        return jax.lax.fori_loop(0, n, body, (jnp.zeros_like(x), jnp.zeros_like(w)))
-      fn = jax.jit(lambda x, w, g: looped(x, w, g, jnp.int32(1)))
-    jax.block_until_ready(fn(x, w, g))   # compile under the chosen implementation
+  if what == "weight":
+    fn = jax.jit(lambda x, w, g: jax.vjp(lambda w_: conv(x, w_), w)[1](g)[0])
+  elif what == "both":
+    fn = jax.jit(lambda x, w, g: jax.vjp(conv, x, w)[1](g))
+  else:   # "loop": the full VJP as the body of a one-trip fori_loop (trip count unknown to XLA)
+    def looped(x, w, g, n):
+      body = lambda i, acc: jax.tree.map(jnp.add, acc, jax.vjp(conv, x, w)[1](g * (1.0 + i)))
+      return jax.lax.fori_loop(0, n, body, (jnp.zeros_like(x), jnp.zeros_like(w)))
+    fn = jax.jit(lambda x, w, g: looped(x, w, g, jnp.int32(1)))
+  jax.block_until_ready(fn(x, w, g))   # compile
   return lambda: fn(x, w, g)
 
 
@@ -110,9 +110,8 @@ def train_step_time(batch_size: int, repeats: int, impl: str) -> float:
   rng = np.random.default_rng(0)
   batch = parallel.shard_batch({"image": rng.normal(size=(batch_size, 32, 32, 3)).astype(np.float32),
                                 "label": rng.integers(0, 10, batch_size).astype(np.int32)}, mesh)
-  with ops.conv_impl(impl):
-    run = make_case("ewgs", batch, mesh)
-    jax.block_until_ready(run())   # compile under the chosen implementation
+  run = make_case("ewgs", batch, mesh, conv_impl=impl)
+  jax.block_until_ready(run())   # compile
   return time_interleaved({impl: run}, repeats=repeats)[impl]
 
 

@@ -32,8 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import time_interleaved  # noqa: E402
 
-from ewgs_jax import checkpoints, data, hessian, layers, parallel, training  # noqa: E402
-from tests.training_configs import load_config  # noqa: E402
+from ewgs_jax import checkpoints, data, hessian, initialization, layers, parallel, training  # noqa: E402
+from ewgs_jax.config import load_config  # noqa: E402
 
 
 def per_sample_values(model, variables, batch, key, samples: int, blockwise: bool):
@@ -92,8 +92,8 @@ def main():
                                      "label": rng.integers(0, 10, args.batch).astype(np.int32)}, mesh)
                for _ in range(args.batches)]
   fp_variables = checkpoints.load_variables(args.init_from) if args.init_from else None
-  init = (functools.partial(layers.init_variables, model) if fp_variables is None
-          else functools.partial(layers.warm_start, model, fp_variables))
+  init = (functools.partial(initialization.init_variables, model) if fp_variables is None
+          else functools.partial(initialization.warm_start, model, fp_variables))
   variables = jax.jit(init)(jax.random.key(0), batches[0]["image"])
   tx = training.make_optimizer(config, 1000)
   train_step, _ = training.make_steps(model, tx, config, mesh, 1000)

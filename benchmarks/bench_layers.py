@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import time_interleaved  # noqa: E402
 
-from ewgs_jax import layers, models  # noqa: E402
+from ewgs_jax import initialization, layers, models  # noqa: E402
 from ewgs_jax.layers import QuantConfig, QuantizerSpec  # noqa: E402
 
 W2A2_EWGS = QuantConfig(weight=QuantizerSpec("interval", "ewgs", 2), act=QuantizerSpec("interval", "ewgs", 2))
@@ -29,7 +29,7 @@ W2A2_EWGS = QuantConfig(weight=QuantizerSpec("interval", "ewgs", 2), act=Quantiz
 
 def make_case(quant, images, labels):
   model = models.get_model("resnet20", num_classes=10, quant=quant)
-  variables = jax.jit(lambda k, x: layers.init_variables(model, k, x))(jax.random.key(0), images)
+  variables = jax.jit(lambda k, x: initialization.init_variables(model, k, x))(jax.random.key(0), images)
   params = variables.pop("params")
 
   @jax.jit

@@ -20,16 +20,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import time_interleaved  # noqa: E402
 
-from ewgs_jax import layers, ops, parallel, training  # noqa: E402
-from tests.training_configs import load_config  # noqa: E402
+from ewgs_jax import initialization, layers, ops, parallel, training  # noqa: E402
+from ewgs_jax.config import load_config  # noqa: E402
 
 
-def make_case(backward: str | None, batch: dict, mesh, steps: int = 1000, rng_impl: str = "threefry2x32"):
+def make_case(backward: str | None, batch: dict, mesh, steps: int = 1000, conv_impl: str = "auto",
+              rng_impl: str = "threefry2x32"):
   config = load_config("cifar10_resnet20", "fp" if backward is None else f"w2a2_{backward}")
+  config.conv_impl = conv_impl
   model = training.build_model(config, 10)
   tx = training.make_optimizer(config, steps)
   train_step, _ = training.make_steps(model, tx, config, mesh, steps)
-  variables = jax.jit(lambda k, x: layers.init_variables(model, k, x))(jax.random.key(0), batch["image"])
+  variables = jax.jit(lambda k, x: initialization.init_variables(model, k, x))(jax.random.key(0), batch["image"])
   state = training.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                               batch_stats=variables["batch_stats"], quant_state=variables.get("quant_state", {}),
                               opt_state=tx.init(variables["params"]))
@@ -56,11 +58,10 @@ def main():
                                 "label": rng.integers(0, 10, args.batch).astype(np.int32)}, mesh)
   fns = {}
   for impl in args.conv.split(","):
-    with ops.conv_impl(impl):
-      for case in args.cases.split(","):
-        backward, _, rng_impl = case.partition(":")
-        fns[f"{case} / conv {ops.selected_impl()}"] = make_case(None if backward == "fp" else backward, batch, mesh,
-                                                                 rng_impl=rng_impl or "threefry2x32")
+    for case in args.cases.split(","):
+      backward, _, rng_impl = case.partition(":")
+      fns[f"{case} / conv {ops.selected_impl(impl)}"] = make_case(None if backward == "fp" else backward, batch, mesh,
+                                                                   conv_impl=impl, rng_impl=rng_impl or "threefry2x32")
   medians = time_interleaved(fns, repeats=args.repeats)
   print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}, batch {args.batch}")
   print(f"{'case':<24} {'median s':>10} {'images/s':>10} {'vs fp (same conv)':>18}")

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 
-from ewgs_jax import reporting
+from ewgs_jax import names, reporting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_PY = os.path.join(ROOT, "train.py")
@@ -336,9 +336,9 @@ def plot_all(args, runs) -> list[str]:
     if rule.backward == "pege":
       for ax, key in zip(axes[:2], ("rate", "mu")):
         ax.plot([r["step"] / steps_per_epoch for r in train], [r[key] for r in train], label=rule.label)
-    refreshes = [r for r in records if r.get("split") == "quantizers"]
+    refreshes = [r for r in records if r.get("split") == "quantizers" and r.get("reason", "delta_refresh") == "delta_refresh"]
     if rule.backward == "ewgs" and refreshes:
-      for kind in ("delta_w", "delta_a"):
+      for kind in names.DELTA_NAMES:
         means = [sum(q[kind] for q in r["quantizers"].values() if kind in q) /
                  max(1, sum(kind in q for q in r["quantizers"].values())) for r in refreshes]
         axes[2].plot([r["step"] / steps_per_epoch for r in refreshes], means, marker="o", label=f"{rule.label} {kind}")

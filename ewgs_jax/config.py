@@ -13,21 +13,18 @@ from typing import Any
 
 import ml_collections
 
-from ewgs_jax.estimators import ESTIMATORS, MAX_BITS, MIN_BITS, PEGE_MU_SCALES
-from ewgs_jax.hessian import HVP_METHODS
+from ewgs_jax import estimators, quantizers, schedules
+from ewgs_jax.estimators import MAX_BITS, MIN_BITS, PEGE_MU_SCALES
+from ewgs_jax.hessian import HESSIAN_MODES, HVP_METHODS
 from ewgs_jax.hostmem import MODES as HOST_ALLOCATORS
+from ewgs_jax.ops import IMPLS as CONV_IMPLS
 from ewgs_jax.replacement import GRANULARITIES
-from ewgs_jax import schedules
-from ewgs_jax.schedules import MU_SCHEDULES, RATE_SCHEDULES
+from ewgs_jax.schedules import DELTA_MODES, MU_SCHEDULES, RATE_SCHEDULES
 
 PEGE_MU_MAX = 1e-2   # in units of 3 sigma(g_q): chosen by the Fashion-MNIST sweep (README, "Calibration")
 RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 MATMUL_PRECISIONS = ("default", "high", "highest")
-QUANT_METHODS = ("interval", "pact", "lsq", "dorefa", "none")
 OPTIMIZERS = ("adam", "sgd")
-DELTA_MODES = ("hessian", "fixed", "off")
-HESSIAN_MODES = ("joint", "blockwise")
-CONV_IMPLS = ("auto", "xla", "fast")
 LR_SCHEDULES = ("cosine", "constant")
 
 
@@ -61,7 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.quant.act_method = "interval"
   c.quant.weight_bits = 2
   c.quant.act_bits = 2
-  c.quant.backward = "ewgs"     # ste | ewgs | pege
+  c.quant.backward = "ewgs"     # ste | ewgs | pege | any rule in estimators.RULES
   c.quant.quantize_first_last = False
   c.quant.rules = ()            # ((regex, {"bits": 4, ...}), ...) per-layer overrides
   c.init_from = ml_collections.config_dict.placeholder(str)   # full-precision workdir to warm start
@@ -176,21 +173,32 @@ def pege_schedules(pege: ml_collections.ConfigDict, total_steps: int):
 
 
 def apply_bits_variant(config: ml_collections.ConfigDict, variant: str, suffix: str) -> bool:
-  """Sets bits and backward rule from a ``w<bits>a<bits>_<ste|ewgs|pege>[suffix]`` variant name.
+  """Sets bits and backward rule from a ``w<bits>a<bits>_<rule>[suffix]`` variant name.
 
-  A side with 32 bits stays full precision (``W1A32``). Returns whether ``suffix`` was present;
-  EWGS variants get Hessian deltas, the others none.
+  ``<rule>`` is any registered backward rule (:data:`ewgs_jax.estimators.RULES`). A side with 32
+  bits stays full precision (``W1A32``). Rules whose factor lives in ``quant_state`` (EWGS) get
+  Hessian deltas, the others none.
+
+  Args:
+    config: the config to change in place.
+    variant: e.g. ``"w2a2_ewgs"``.
+    suffix: an optional suffix the caller handles (e.g. ``"_ft"``).
+
+  Returns:
+    Whether ``suffix`` was present.
   """
-  match = re.fullmatch(rf"w(\d+)a(\d+)_(ste|ewgs|pege)({re.escape(suffix)})?", variant)
+  rules = "|".join(re.escape(name) for name in sorted(estimators.RULES, key=len, reverse=True))
+  match = re.fullmatch(rf"w(\d+)a(\d+)_({rules})({re.escape(suffix)})?", variant)
   if match is None:
-    raise ValueError(f"unknown variant {variant!r}; valid: fp, w<bits>a<bits>_<ste|ewgs|pege>[{suffix}]")
+    raise ValueError(f"unknown variant {variant!r}; valid: fp, w<bits>a<bits>_<{'|'.join(estimators.RULES)}>"
+                     f"[{suffix}]")
   for side, bits in (("weight", int(match[1])), ("act", int(match[2]))):
     if bits == 32:
       config.quant[f"{side}_method"] = "none"
     else:
       config.quant[f"{side}_bits"] = bits
   config.quant.backward = match[3]
-  config.delta.mode = "hessian" if match[3] == "ewgs" else "off"
+  config.delta.mode = "hessian" if estimators.get_rule(match[3]).source == "quant_state" else "off"
   return match[4] is not None
 
 
@@ -224,9 +232,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   from ewgs_jax.models import MODELS  # late import: models pull in Flax
   _choice("model", config.model, sorted(MODELS))
   q = config.quant
-  _choice("quant.weight_method", q.weight_method, QUANT_METHODS)
-  _choice("quant.act_method", q.act_method, QUANT_METHODS)
-  _choice("quant.backward", q.backward, sorted(ESTIMATORS))
+  _choice("quant.weight_method", q.weight_method, quantizers.method_names())
+  _choice("quant.act_method", q.act_method, quantizers.method_names())
+  _choice("quant.backward", q.backward, sorted(estimators.RULES))
   for name in ("weight_bits", "act_bits"):
     bits = q[name]
     if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
@@ -267,3 +275,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name in ("learning_rate", "quant_learning_rate", "weight_decay"):
     if config[name] < 0:
       raise ValueError(f"config.{name}={config[name]!r} is invalid; it must be >= 0")
+
+
+def load_config(name: str, variant: str | None = None) -> ml_collections.ConfigDict:
+  """A shipped config, as ``train.py --config configs/<name>.py:<variant>`` loads it.
+
+  Args:
+    name: a module of :mod:`ewgs_jax.configs` (``"cifar10_resnet20"``, ``"quickstart"``, ...).
+    variant: the variant argument of its ``get_config`` (``"w2a2_ewgs"``, ``"fp"``, ...).
+
+  Returns:
+    The config.
+  """
+  import importlib
+  from ewgs_jax import configs
+  if name not in configs.NAMES:
+    raise ValueError(f"unknown config {name!r}; valid choices: {list(configs.NAMES)}")
+  return importlib.import_module(f"ewgs_jax.configs.{name}").get_config(variant)

@@ -56,22 +56,15 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+
+from ewgs_jax import losses, names, schedules
 
 
 log = logging.getLogger(__name__)
-PROBE_TO_DELTA = {"w_q": "delta_w", "a_q": "delta_a"}
+PROBE_TO_DELTA = names.PROBE_TO_DELTA
+delta_path = names.delta_path
+HESSIAN_MODES = ("joint", "blockwise")
 _EPS = 1e-6
-
-
-def _path_str(path) -> str:
-  return "/".join(str(getattr(p, "key", p)) for p in path)
-
-
-def delta_path(probe_path: str) -> str:
-  """``"stage1_block0/conv1/w_q"`` -> ``"stage1_block0/conv1/delta_w"`` (its ``quant_state`` leaf)."""
-  head, _, leaf = probe_path.rpartition("/")
-  return f"{head}/{PROBE_TO_DELTA[leaf]}" if head else PROBE_TO_DELTA[leaf]
 
 
 def delta_from_trace(trace_per_element, grad_sigma):
@@ -136,18 +129,30 @@ def _running_mean_loop(sample_fn: Callable, key, num_blocks: int, max_samples: i
   return sums / jnp.maximum(counts, 1), counts
 
 
-def probe_loss(model, variables: dict, batch: dict) -> tuple[Callable, Any]:
-  """``(loss(perturbations), zero perturbations)``: the mean cross-entropy as a function of the
-  probes on every quantizer's ``x_q``. BatchNorm uses batch statistics; its updates are discarded.
+def probe_loss(model, variables: dict, batch: dict,
+               task_loss: Callable = losses.mean_cross_entropy) -> tuple[Callable, Any]:
+  """The task loss as a function of the probes on every quantizer's ``x_q``.
+
+  BatchNorm uses batch statistics; its updates are discarded.
+
+  Args:
+    model: the quantized model.
+    variables: its ``params``, ``quant_state`` and (if any) ``batch_stats``.
+    batch: ``image`` and ``label``.
+    task_loss: ``task_loss(logits, labels) -> scalar``, the loss training minimises.
+
+  Returns:
+    ``(loss(perturbations), zero perturbations)``.
   """
   images, labels = batch["image"], batch["label"]
   shapes = jax.eval_shape(functools.partial(model.init, train=True), jax.random.key(0), images)
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes["perturbations"])
-  base = {k: v for k, v in variables.items() if k != "perturbations"}
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes[names.PERTURBATIONS])
+  base = {k: v for k, v in variables.items() if k != names.PERTURBATIONS}
 
   def loss(perturbations):
-    logits, _ = model.apply({**base, "perturbations": perturbations}, images, train=True, mutable=["batch_stats"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+    logits, _ = model.apply({**base, names.PERTURBATIONS: perturbations}, images, train=True,
+                            mutable=[names.BATCH_STATS])
+    return task_loss(logits, labels)
 
   return loss, zeros
 
@@ -155,8 +160,8 @@ def probe_loss(model, variables: dict, batch: dict) -> tuple[Callable, Any]:
 HVP_METHODS = ("linearize", "jvp")
 
 
-def trace_fn(model, *, mode: str = "joint", max_samples: int = 50, tolerance: float = 1e-3,
-             hvp: str = "linearize") -> Callable:
+def trace_fn(model, task_loss: Callable = losses.mean_cross_entropy, *, mode: str = "joint",
+             max_samples: int = 50, tolerance: float = 1e-3, hvp: str = "linearize") -> Callable:
   """The pure, jittable estimate ``(params, batch_stats, quant_state, batch, key) -> (traces, sigmas,
   counts)``, each ``[num quantizers]`` in probe-path order (EWGS Eq. 8-9 and the sigma of Eq. 10).
 
@@ -164,17 +169,29 @@ def trace_fn(model, *, mode: str = "joint", max_samples: int = 50, tolerance: fl
   used. No Python control flow on traced values and no host callbacks: the caller can ``jax.jit``
   it with ``in_shardings`` (batch sharded on ``data``, state replicated) as the train step.
   ``batch_stats`` may be ``None`` (no BatchNorm).
+
+  Args:
+    model: the quantized model.
+    task_loss: ``task_loss(logits, labels) -> scalar``: the loss whose Hessian is estimated (the
+      training loss; training passes its own).
+    mode: ``"joint"`` or ``"blockwise"`` (:data:`HESSIAN_MODES`).
+    max_samples: the most Hutchinson samples per quantizer.
+    tolerance: the relative change of the running mean that stops sampling.
+    hvp: ``"linearize"`` or ``"jvp"`` (:data:`HVP_METHODS`).
+
+  Returns:
+    The estimate function.
   """
-  if mode not in ("joint", "blockwise"):
-    raise ValueError(f"unknown Hessian mode {mode!r}; valid choices: ['joint', 'blockwise']")
+  if mode not in HESSIAN_MODES:
+    raise ValueError(f"unknown Hessian mode {mode!r}; valid choices: {list(HESSIAN_MODES)}")
   if hvp not in HVP_METHODS:
     raise ValueError(f"unknown HVP method {hvp!r}; valid choices: {list(HVP_METHODS)}")
 
   def estimate(params, batch_stats, quant_state, batch, key):
-    variables = {"params": params, "quant_state": quant_state}
+    variables = {names.PARAMS: params, names.QUANT_STATE: quant_state}
     if batch_stats is not None:
-      variables["batch_stats"] = batch_stats
-    loss, zeros = probe_loss(model, variables, batch)
+      variables[names.BATCH_STATS] = batch_stats
+    loss, zeros = probe_loss(model, variables, batch, task_loss)
     leaves, treedef = jax.tree.flatten(zeros)
     grad_fn = jax.grad(loss)
     if hvp == "linearize":   # one forward-over-reverse pass; its primal is the gradient (EWGS Eq. 9-10)
@@ -207,30 +224,36 @@ def trace_fn(model, *, mode: str = "joint", max_samples: int = 50, tolerance: fl
   return estimate
 
 
-def make_trace_estimator(model, *, mode: str = "joint", max_samples: int = 50, tolerance: float = 1e-3,
-                         hvp: str = "linearize"):
+def make_trace_estimator(model, task_loss: Callable = losses.mean_cross_entropy, *, mode: str = "joint",
+                         max_samples: int = 50, tolerance: float = 1e-3, hvp: str = "linearize"):
   """Returns ``estimate(variables, batch, key) -> {probe path: (Tr(H)/N, sigma(g_q), samples)}``.
 
   ``variables`` holds ``params``, ``batch_stats``, ``quant_state``; ``batch`` has ``image`` and
   ``label``. The work is :func:`trace_fn` under ``jax.jit`` (one compilation per batch shape),
   which follows the shardings of its inputs, so a data-sharded batch runs data-parallel on every
   device and host; only the per-quantizer scalars come back to the host.
+
+  Args:
+    model, task_loss, mode, max_samples, tolerance, hvp: as :func:`trace_fn`.
+
+  Returns:
+    The estimator.
   """
-  estimate = jax.jit(trace_fn(model, mode=mode, max_samples=max_samples, tolerance=tolerance, hvp=hvp))
+  estimate = jax.jit(trace_fn(model, task_loss, mode=mode, max_samples=max_samples, tolerance=tolerance,
+                              hvp=hvp))
 
   @functools.lru_cache(maxsize=8)
   def probe_paths(image_shape, dtype) -> list[str]:
     shapes = jax.eval_shape(functools.partial(model.init, train=True), jax.random.key(0),
                             jax.ShapeDtypeStruct(image_shape, dtype))
-    return [_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes["perturbations"])[0]]
+    return [names.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes[names.PERTURBATIONS])[0]]
 
   def run(variables, batch, key) -> dict[str, tuple[float, float, int]]:
     traces, sigmas, counts = jax.device_get(estimate(
-        variables["params"], variables.get("batch_stats"), variables["quant_state"], batch, key))
+        variables[names.PARAMS], variables.get(names.BATCH_STATS), variables[names.QUANT_STATE], batch, key))
     paths = probe_paths(tuple(batch["image"].shape), batch["image"].dtype)
     return {p: (float(t), float(s), int(c)) for p, t, s, c in zip(paths, traces, sigmas, counts)}
 
-  run.jitted = estimate
   return run
 
 
@@ -238,36 +261,48 @@ def make_trace_estimator(model, *, mode: str = "joint", max_samples: int = 50, t
 class DeltaRefreshPolicy:
   """When and how EWGS delta is refreshed (EWGS Sec. 4.1, Table 4).
 
-  ``mode``: ``"hessian"`` (Eq. 10 every ``every_epochs`` epochs, or every ``every_steps`` steps if
-  set; delta = 0 until the first refresh, which is never at step 0, as in the reference code),
-  ``"fixed"`` (every delta set to ``fixed_delta`` once, at step 0), or ``"off"`` (delta stays 0).
+  ``mode``: ``"hessian"`` (Eq. 10 every ``every_epochs`` epochs; delta = 0 until the first refresh,
+  which is never at step 0, as in the reference code), ``"fixed"`` (every delta set to
+  ``fixed_delta`` once, at step 0), or ``"off"`` (delta stays 0). The timing itself is
+  :func:`ewgs_jax.schedules.delta_refresh_due`, with the other schedules.
   """
   mode: str = "hessian"
   every_epochs: int = 10
-  every_steps: int = 0
   fixed_delta: float = 1e-3
 
   def __post_init__(self):
-    if self.mode not in ("hessian", "fixed", "off"):
-      raise ValueError(f"unknown delta mode {self.mode!r}; valid choices: ['hessian', 'fixed', 'off']")
-    if self.every_epochs <= 0 or self.every_steps < 0:
-      raise ValueError("every_epochs must be > 0 and every_steps >= 0")
+    schedules.check_delta_mode(self.mode)
+    if self.every_epochs <= 0:
+      raise ValueError("every_epochs must be > 0")
     if self.fixed_delta < 0:
       raise ValueError(f"fixed_delta must be >= 0, got {self.fixed_delta}")
 
   def should_refresh(self, step: int, steps_per_epoch: int) -> bool:
-    if self.mode == "fixed":
-      return step == 0
-    if self.mode == "off" or step == 0:
-      return False
-    if self.every_steps:
-      return step % self.every_steps == 0
-    return step % steps_per_epoch == 0 and (step // steps_per_epoch) % self.every_epochs == 0
+    """Whether to refresh before step ``step``.
+
+    Args:
+      step: steps done.
+      steps_per_epoch: steps in one epoch.
+
+    Returns:
+      :func:`ewgs_jax.schedules.delta_refresh_due` for this policy.
+    """
+    return schedules.delta_refresh_due(self.mode, step, steps_per_epoch, self.every_epochs)
 
   def refresh(self, estimator: Callable | None, variables: dict, batches: list[dict], key) -> tuple[Any, dict]:
-    """New ``quant_state`` (only deltas change) and a report ``{delta path: delta}``."""
-    flat = {_path_str(p): np.asarray(v) for p, v in
-            jax.tree_util.tree_flatten_with_path(jax.device_get(variables["quant_state"]))[0]}
+    """New ``quant_state`` (only deltas change) and a report.
+
+    Args:
+      estimator: from :func:`make_trace_estimator` (unused in ``"fixed"`` mode).
+      variables: ``params``, ``batch_stats``, ``quant_state``.
+      batches: the batches to average over (EWGS Algorithm 1).
+      key: the probes' random key.
+
+    Returns:
+      ``(quant_state, {delta path: delta})``.
+    """
+    flat = {names.path_str(p): np.asarray(v) for p, v in
+            jax.tree_util.tree_flatten_with_path(jax.device_get(variables[names.QUANT_STATE]))[0]}
     if self.mode == "fixed":
       new = {p: np.float32(self.fixed_delta) for p in flat}
     else:
@@ -277,8 +312,8 @@ class DeltaRefreshPolicy:
           per_batch.setdefault(delta_path(probe), []).append(float(delta_from_trace(trace, sigma)))
       new = {p: np.float32(combine_batches(per_batch[p], flat[p], p)) if p in per_batch else flat[p]
              for p in flat}
-    leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(variables["quant_state"])
-    quant_state = jax.tree.unflatten(treedef, [jnp.asarray(new[_path_str(p)], jnp.float32)
+    leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(variables[names.QUANT_STATE])
+    quant_state = jax.tree.unflatten(treedef, [jnp.asarray(new[names.path_str(p)], jnp.float32)
                                                for p, _ in leaves_with_paths])
     return quant_state, {p: float(v) for p, v in new.items()}
 

@@ -19,14 +19,15 @@ the decorated function, so ``jax.jvp(jax.grad(...))`` (the Hessian code) works t
 gives the second derivatives of ``lax.conv_general_dilated``. Everything else (other layouts,
 dilation, ``batch_group_count``) falls back to ``lax.conv_general_dilated``.
 
-Selection: ``set_conv_impl("auto" | "xla" | "fast")`` (``config.conv_impl``); ``auto`` uses the
-custom rule on the CPU backend only, since cuDNN and TPU convolutions are already fast
-(:func:`selected_impl` gives the measurements).
+Selection: the ``impl`` argument, ``"auto" | "xla" | "fast"`` (``config.conv_impl``, which the
+models pass to every ``QuantConv`` as its ``conv_impl`` attribute); ``auto`` uses the custom rule on
+the CPU backend only, since cuDNN and TPU convolutions are already fast (:func:`selected_impl` gives
+the measurements). It is an explicit argument, not a module global: a function traced (and cached
+by ``jax.jit``) under one setting could otherwise keep it after the setting changed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Sequence
 
@@ -35,31 +36,25 @@ import jax.numpy as jnp
 from jax import lax
 
 IMPLS = ("auto", "xla", "fast")
-_IMPL = "auto"
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def set_conv_impl(impl: str) -> None:
-  """Chooses the convolution for convolutions traced from now on: ``auto``, ``xla`` or ``fast``."""
-  global _IMPL
+def check_impl(impl: str) -> str:
+  """Validates a convolution implementation name.
+
+  Args:
+    impl: ``"auto"``, ``"xla"`` or ``"fast"``.
+
+  Returns:
+    ``impl``.
+  """
   if impl not in IMPLS:
     raise ValueError(f"unknown conv impl {impl!r}; valid choices: {list(IMPLS)}")
-  _IMPL = impl
+  return impl
 
 
-@contextlib.contextmanager
-def conv_impl(impl: str):
-  """Context manager form of :func:`set_conv_impl`."""
-  previous = _IMPL
-  set_conv_impl(impl)
-  try:
-    yield
-  finally:
-    set_conv_impl(previous)
-
-
-def selected_impl() -> str:
-  """The implementation a supported convolution traced now would use: ``"fast"`` or ``"xla"``.
+def selected_impl(impl: str = "auto") -> str:
+  """The implementation a supported convolution traced now with ``impl`` uses: ``"fast"`` or ``"xla"``.
 
   ``auto`` picks the custom rule on the CPU backend, XLA's convolution elsewhere (cuDNN and TPU
   convolutions are already fast). Measured with ``benchmarks/bench_conv.py`` (jax 0.10.2, 2-core
@@ -69,10 +64,16 @@ def selected_impl() -> str:
   model) XLA:CPU does not rewrite gradient convolutions into its fast kernels at all and they run
   as naive loop nests, ~100x slower, while the custom rule, built from forward convolutions and
   matmuls, stays fast.
+
+  Args:
+    impl: ``"auto"``, ``"xla"`` or ``"fast"``.
+
+  Returns:
+    ``"fast"`` or ``"xla"``.
   """
-  if _IMPL == "auto":
+  if check_impl(impl) == "auto":
     return "fast" if jax.default_backend() == "cpu" else "xla"
-  return _IMPL
+  return impl
 
 
 def _explicit_padding(padding, in_spatial, kernel_spatial, strides) -> tuple[tuple[int, int], ...]:
@@ -168,13 +169,23 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 
 def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count: int = 1, batch_group_count: int = 1,
-                         precision=None, preferred_element_type=None):
-  """Drop-in for ``lax.conv_general_dilated`` with the fast weight gradient where it applies."""
+                         precision=None, preferred_element_type=None, *, impl: str = "auto"):
+  """Drop-in for ``lax.conv_general_dilated`` with the fast weight gradient where it applies.
+
+  Args:
+    lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+      feature_group_count, batch_group_count, precision, preferred_element_type: as
+      ``lax.conv_general_dilated``.
+    impl: ``"auto"`` (the custom rule on CPU), ``"xla"`` or ``"fast"``; see :func:`selected_impl`.
+
+  Returns:
+    The convolution's output.
+  """
   supported = (
       tuple(dimension_numbers or ()) == NHWC and lhs.ndim == 4
       and all(d == 1 for d in (lhs_dilation or (1, 1))) and all(d == 1 for d in (rhs_dilation or (1, 1)))
       and batch_group_count == 1 and precision is None and preferred_element_type is None)
-  if not supported or selected_impl() == "xla":
+  if not supported or selected_impl(impl) == "xla":
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                     dimension_numbers, feature_group_count, batch_group_count, precision,
                                     preferred_element_type)

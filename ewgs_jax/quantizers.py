@@ -24,8 +24,9 @@ Clipping is ``where``-based, so the gradient at exactly a bound is 1, as PyTorch
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Callable
+from typing import Callable, Mapping
 
 import jax.numpy as jnp
 from jax import lax
@@ -171,4 +172,107 @@ def dorefa(
   return out.astype(x.dtype)
 
 
-FORWARD_METHODS = ("interval", "pact", "lsq", "dorefa")
+# --- the registry of forward methods -----------------------------------------------------------
+
+#: ``init(x, bits, weight) -> value``: a data-driven initialiser of a learned parameter from the
+#: tensor it quantizes (its ``weight`` flag: kernel or activation).
+Initializer = Callable[[Array, int, bool], Array]
+
+PACT_INIT_CLIP = 10.0   # PACT Sec. 3: alpha initialised to 10 for activations
+
+
+def _std(x: Array) -> Array:
+  """Unbiased standard deviation over all elements (torch's ``std`` in the reference code)."""
+  return jnp.std(x.astype(jnp.float32), ddof=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardMethod:
+  """Everything the layers and configs need to know about one forward method.
+
+  Attributes:
+    name: the name configs and per-layer rules use (``quant.weight_method``, ``method``).
+    apply: ``apply(x, params, *, bits, weight, discretizer, hook) -> output``, ``params`` a dict
+      from suffix to value.
+    params: learned parameters, suffix -> data-driven :data:`Initializer`; the layers store them
+      in ``params`` as ``q_<w|a>_<suffix>`` (:func:`ewgs_jax.names.quantizer_param`).
+    output_scale: whether the layer multiplies its output by a learned scale ``alpha`` (EWGS Sec. 3.1).
+  """
+  name: str
+  apply: Callable[..., Array]
+  params: Mapping[str, Initializer] = dataclasses.field(default_factory=dict)
+  output_scale: bool = False
+
+
+#: The registered forward methods by name. Add one with :func:`register_method`.
+METHODS: dict[str, ForwardMethod] = {}
+NONE = "none"   # the method name that leaves a tensor full precision
+
+
+def register_method(method: ForwardMethod, *, replace: bool = False) -> ForwardMethod:
+  """Makes a forward method available to layers and configs.
+
+  Args:
+    method: the method.
+    replace: allow replacing a registered method of the same name.
+
+  Returns:
+    ``method``.
+  """
+  if method.name == NONE or (method.name in METHODS and not replace):
+    raise ValueError(f"forward method {method.name!r} is already registered")
+  METHODS[method.name] = method
+  return method
+
+
+def get_method(name: str) -> ForwardMethod:
+  """Looks a forward method up by name.
+
+  Args:
+    name: a registered name (``interval``, ``pact``, ``lsq``, ``dorefa``, ...).
+
+  Returns:
+    The :class:`ForwardMethod`.
+
+  Raises:
+    ValueError: listing the valid names.
+  """
+  try:
+    return METHODS[name]
+  except KeyError:
+    raise ValueError(f"unknown quantizer method {name!r}; valid choices: {method_names()}") from None
+
+
+def method_names() -> list[str]:
+  """The valid method names of a quantizer setting: every registered method, then ``"none"``.
+
+  Returns:
+    The names.
+  """
+  return [*METHODS, NONE]
+
+
+def _lsq_init(x, bits, weight):
+  _, q_pos = lsq_range(bits, signed=weight)
+  return 2.0 * jnp.mean(jnp.abs(x.astype(jnp.float32))) / math.sqrt(max(q_pos, 1))
+
+
+# Initialisation as in each paper: EWGS Sec. 4.1 / the reference ``QConv.initialize`` (weights
+# -+3 sigma(w); activations [min(x), 3 sigma(x) / sqrt(1 - 2/pi)]); PACT Sec. 3 (activation clip 10;
+# weights, our choice, 3 sigma(w)); LSQ Sec. 2.1 (2 E|x| / sqrt(Q_P)).
+register_method(ForwardMethod(
+    "interval",
+    lambda x, p, *, bits, weight, **kw: interval(x, p["lower"], p["upper"], bits=bits, weight=weight, **kw),
+    params={"lower": lambda x, bits, weight: -3.0 * _std(x) if weight else jnp.min(x).astype(jnp.float32),
+            "upper": lambda x, bits, weight: 3.0 * _std(x) / (1.0 if weight else math.sqrt(1.0 - 2.0 / math.pi))},
+    output_scale=True))
+register_method(ForwardMethod(
+    "pact",
+    lambda x, p, *, bits, weight, **kw: pact(x, p["clip"], bits=bits, signed=weight, **kw),
+    params={"clip": lambda x, bits, weight: 3.0 * _std(x) if weight else jnp.float32(PACT_INIT_CLIP)}))
+register_method(ForwardMethod(
+    "lsq",
+    lambda x, p, *, bits, weight, **kw: lsq(x, p["step"], bits=bits, signed=weight, **kw),
+    params={"step": _lsq_init}))
+register_method(ForwardMethod(
+    "dorefa", lambda x, p, *, bits, weight, **kw: dorefa(x, bits=bits, weight=weight, **kw)))

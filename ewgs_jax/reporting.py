@@ -16,6 +16,8 @@ from typing import Any
 
 import jax
 
+from ewgs_jax import names   # plain constants, imports no project module
+
 # --- TensorBoard event files, written directly --------------------------------------------------
 # An event file is a TFRecord stream of serialised ``Event`` protos. We encode the few fields we
 # need by hand: Event{wall_time=1 (double), step=2 (int64), file_version=3, summary=5};
@@ -325,7 +327,7 @@ def plot_deltas(history: list[dict], out_png: str, title: str | None = None) -> 
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
   layers = sorted({layer for h in history for layer in h["quantizers"]})
-  for ax, key, side in zip(axes, ("delta_w", "delta_a"), ("weights", "activations")):
+  for ax, key, side in zip(axes, names.DELTA_NAMES, ("weights", "activations")):
     for layer in layers:
       points = [(h["epoch"], h["quantizers"][layer][key]) for h in history
                 if key in h["quantizers"].get(layer, {})]

@@ -7,7 +7,9 @@ BatchNorm therefore normalises over the global batch with no ``axis_name``. Mult
 
 Per step, PEGE's replacement rate p_T and mu_T (PEGE Eq. 4 and Sec. 3.2) come from the step
 counter inside the jitted step; EWGS's delta (EWGS Eq. 10) is refreshed between epochs by
-:mod:`ewgs_jax.hessian` and lives in the ``quant_state`` collection.
+:mod:`ewgs_jax.hessian` and lives in the ``quant_state`` collection. Which of this machinery runs
+follows the backward rules the model's layers resolve to (:func:`ewgs_jax.initialization.rules_in_use`,
+per-layer rules included), not the global ``quant.backward``.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from ewgs_jax import checkpoints, config as config_lib, data, hessian, layers, models, ops, parallel, reporting
-from ewgs_jax import schedules
+from ewgs_jax import checkpoints, config as config_lib, data, estimators, hessian, initialization, layers, models
+from ewgs_jax import names, parallel, reporting, schedules
+from ewgs_jax.losses import cross_entropy
 
 log = logging.getLogger(__name__)
 RUNTIME_KEYS = ("distributed", "progress_bar", "data_workers", "host_allocator")   # not part of what defines a run
@@ -71,13 +74,9 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax
 
   def labels(params):
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: "quant" if layers.is_quantizer_param(_keys(path)) else "weights", params)
+        lambda path, _: "quant" if names.is_quantizer_param(path) else "weights", params)
 
   return optax.multi_transform({"weights": weights, "quant": quant}, labels)
-
-
-def _keys(path) -> tuple[str, ...]:
-  return tuple(getattr(p, "key", getattr(p, "name", str(p))) for p in path)
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
@@ -93,34 +92,72 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
         replacement_granularity=config.pege.granularity, pege_mu_scale=config.pege.mu_scale)
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
   return models.get_model(config.model, num_classes=num_classes, quant=quant, dtype=dtype,
-                          **config.model_kwargs.to_dict())
+                          conv_impl=config.conv_impl, **config.model_kwargs.to_dict())
 
 
-def pege_schedules(config, total_steps: int):
-  """(p_T, mu_T) as functions of the step (PEGE Eq. 4 and Sec. 3.2); identity for non-PEGE runs."""
-  if config.quant.enabled and config.quant.backward == "pege":
-    return config_lib.pege_schedules(config.pege, total_steps)
-  return schedules.constant_rate(1.0), schedules.constant_mu(0.0)
+def pege_schedules(config, total_steps: int, rules_in_use):
+  """(p_T, mu_T) as functions of the step (PEGE Eq. 4 and Sec. 3.2) for the rules the layers use.
+
+  Args:
+    config: the run's config (``config.pege`` holds the schedules).
+    total_steps: the run's length.
+    rules_in_use: names of the backward rules some layer resolves to.
+
+  Returns:
+    ``(rate_fn, mu_fn)``: ``config.pege``'s when a rule in use has replacement / a ``context``
+    factor ``mu``; otherwise rate 1 (no replacement) / mu 0.
+  """
+  rules = [estimators.get_rule(name) for name in rules_in_use]
+  rate_fn, mu_fn = config_lib.pege_schedules(config.pege, total_steps)
+  if not any(r.replacement for r in rules):
+    rate_fn = schedules.constant_rate(1.0)
+  if not any(r.source == "context" and r.factor == "mu" for r in rules):
+    mu_fn = schedules.constant_mu(0.0)
+  return rate_fn, mu_fn
+
+
+def refreshes_deltas(rules_in_use) -> bool:
+  """Whether some rule in use reads its factor from ``quant_state`` (EWGS delta), so needs the refresh.
+
+  Args:
+    rules_in_use: names of the backward rules some layer resolves to.
+
+  Returns:
+    True if the Hessian (or fixed) delta refresh must run.
+  """
+  return any(estimators.get_rule(name).source == "quant_state" for name in rules_in_use)
 
 
 # --- the jitted steps --------------------------------------------------------------------------
 
 
-def cross_entropy(logits, labels, weights=None):
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-  if weights is None:
-    return losses.mean(), correct.mean()
-  return (losses * weights).sum(), (correct * weights).sum()
+def task_loss(logits, labels):
+  """The loss training minimises, as the Hessian code takes it (``cross_entropy``'s mean)."""
+  return cross_entropy(logits, labels)[0]
 
 
 def make_steps(model, tx, config, mesh, total_steps: int):
-  """Returns jitted ``train_step(state, batch, key)`` and ``eval_step(state, batch)``."""
-  rate_fn, mu_fn = pege_schedules(config, total_steps)
-  replaces = config.quant.enabled and config.quant.backward == "pege"
+  """Jitted train and eval steps.
+
+  The per-step context (mu_T, p_T, the replacement key) follows the rules the layers resolve to
+  for the batch's shape (:func:`ewgs_jax.initialization.rules_in_use`), decided at trace time.
+
+  Args:
+    model: the model.
+    tx: the optimiser.
+    config: the run's config.
+    mesh: the device mesh.
+    total_steps: the run's length (the schedules' ramps are fractions of it).
+
+  Returns:
+    ``(train_step(state, batch, key) -> (state, metrics), eval_step(state, batch) -> sums)``.
+  """
   replicated, batch_sharded = parallel.replicated(mesh), parallel.batch_sharding(mesh)
 
   def train_step(state: TrainState, batch, key):
+    in_use = initialization.rules_in_use(model, jax.ShapeDtypeStruct(batch["image"].shape, batch["image"].dtype))
+    rate_fn, mu_fn = pege_schedules(config, total_steps, in_use)
+    replaces = any(estimators.get_rule(name).replacement for name in in_use)
     rate, mu = rate_fn(state.step), mu_fn(state.step)
     ctx = layers.QuantContext(mu=mu, rate=rate, key=jax.random.fold_in(key, state.step) if replaces else None)
 
@@ -160,8 +197,8 @@ def _quantizer_snapshot(state: TrainState) -> dict[str, dict[str, float]]:
   host = parallel.to_host({"params": state.params, "quant_state": state.quant_state})
 
   def visit(path, leaf):
-    keys = _keys(path)
-    if (keys[-1].startswith("q_") or keys[-1].startswith("delta_")) and np.size(leaf) == 1:
+    keys = names.path_keys(path)
+    if (names.is_quantizer_param(keys) or names.is_delta(keys[-1])) and np.size(leaf) == 1:
       snapshot.setdefault("/".join(keys[1:-1]), {})[keys[-1]] = float(np.asarray(leaf).reshape(()))
 
   jax.tree_util.tree_map_with_path(visit, host)
@@ -215,7 +252,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
   parallel.maybe_initialize_distributed(config.distributed)
   if jax.process_index() == 0:
     cleanup.enter_context(checkpoints.WorkdirLock(workdir))
-  ops.set_conv_impl(config.conv_impl)
   if config.matmul_precision != "default":    # traced (and so compiled) under this precision
     cleanup.enter_context(jax.default_matmul_precision(config.matmul_precision))
   if config.deterministic and not deterministic_ops_enabled():
@@ -224,8 +260,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
   mesh = parallel.make_mesh()
   parallel.check_batch_divisible(config.batch_size, mesh)
   parallel.check_batch_divisible(config.eval_batch_size, mesh, "eval batch size")
-  if config.quant.enabled and config.quant.backward == "ewgs" and config.delta.mode == "hessian":
-    parallel.check_batch_divisible(config.delta.batch_size, mesh, "delta batch size")
   # Per-process and cosmetic settings may differ between processes and between a run and its resume.
   # A run with its own warm-start copy never reads init_from again, so init_from may change.
   has_copy = os.path.exists(os.path.join(workdir, checkpoints.WARM_START_FILE))
@@ -248,7 +282,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
     total_steps = min(total_steps, config.num_train_steps)
   model = build_model(config, info.num_classes)
   first_batch = parallel.shard_batch(train_iterator(config.batch_size, config.seed).batch_at(0, 0), mesh)
-  layers.check_rules(model, first_batch["image"])
+  initialization.check_rules(model, first_batch["image"])
+  rules_in_use = initialization.rules_in_use(model, first_batch["image"])
+  if refreshes_deltas(rules_in_use) and config.delta.mode == "hessian":
+    parallel.check_batch_divisible(config.delta.batch_size, mesh, "delta batch size")
   resuming = bool(checkpoints.committed_steps(workdir))
   fp_variables = None if resuming else warm_start_source(config, workdir)
   tx = make_optimizer(config, total_steps)
@@ -263,9 +300,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
   @functools.partial(jax.jit, out_shardings=replicated)
   def init_state(rng, batch, fp_variables=None):
     if fp_variables is None:
-      variables = layers.init_variables(model, rng, batch["image"])
+      variables = initialization.init_variables(model, rng, batch["image"])
     else:
-      variables = layers.warm_start(model, fp_variables, rng, batch["image"])
+      variables = initialization.warm_start(model, fp_variables, rng, batch["image"])
     return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                       batch_stats=variables.get("batch_stats", {}), quant_state=variables.get("quant_state", {}),
                       opt_state=tx.init(variables["params"]))
@@ -288,10 +325,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
   previous_timing = dict(history.get("timing", {"wall_time_s": 0.0, "train_seconds": 0.0, "train_images": 0}))
 
   # 3. EWGS delta (EWGS Sec. 3.2): 0 until the first refresh, then every k epochs.
-  ewgs_run = config.quant.enabled and config.quant.backward == "ewgs"
-  policy = hessian.DeltaRefreshPolicy(mode=config.delta.mode if ewgs_run else "off",
+  # Runs when some layer's rule reads quant_state (per-layer rules included), whatever quant.backward says.
+  policy = hessian.DeltaRefreshPolicy(mode=config.delta.mode if refreshes_deltas(rules_in_use) else "off",
                                       every_epochs=config.delta.every_epochs, fixed_delta=config.delta.fixed_value)
-  estimator = hessian.make_trace_estimator(model, mode=config.delta.hessian_mode,
+  estimator = hessian.make_trace_estimator(model, task_loss, mode=config.delta.hessian_mode,
                                            max_samples=config.delta.max_samples, tolerance=config.delta.tolerance,
                                            hvp=config.delta.hvp)
 

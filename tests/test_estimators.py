@@ -1,4 +1,7 @@
-"""Discretizers: forward rounding and each backward rule against its formula (EWGS Eq. 2, 4; PEGE Eq. 5)."""
+"""Discretizers: forward rounding and each backward rule against its formula (EWGS Eq. 2, 4; PEGE Eq. 5).
+
+The gradient-rule checks go through :mod:`ewgs_jax.testing`, the kit researchers use on their own rules.
+"""
 
 import functools
 
@@ -7,22 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ewgs_jax import estimators
+from ewgs_jax import estimators, testing
 from ewgs_jax.estimators import ewgs, pege, ste
+from ewgs_jax.testing import latent_inputs, vjp
 
-
-def latent_inputs(bits, n=257, seed=0):
-  """Random x in [0, 1] plus the endpoints and exact ties (k + 0.5) / (2^b - 1)."""
-  levels = 2 ** bits - 1
-  rng = np.random.default_rng(seed + bits)
-  ties = (np.arange(levels) + 0.5) / levels
-  x = np.concatenate([rng.uniform(0, 1, n), [0.0, 1.0], ties]).astype(np.float32)
-  return jnp.asarray(x)
-
-
-def vjp(f, x, g):
-  _, pullback = jax.vjp(f, x)
-  return pullback(g)[0]
+# The backward formulas of the library's rules, as the kit takes them: (x, g, error, factor) -> dL/dx.
+STE_FORMULA = lambda x, g, error, factor: g
+EWGS_FORMULA = lambda x, g, error, delta: g * (1 + delta * np.sign(g) * error)   # EWGS Eq. 4
+PEGE_FORMULA = lambda x, g, error, mu: g + mu * error                              # PEGE Eq. 5
+PEGE_RELATIVE_FORMULA = lambda x, g, error, mu: g + mu * 3.0 * np.std(np.asarray(g, np.float64), ddof=1) * error
+RULES = [("ewgs", ewgs, "delta"), ("pege", pege, "mu"), ("pege_relative", estimators.pege_relative, "mu")]
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -41,31 +38,57 @@ def test_forward_is_round_half_to_even(bits):
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
-@pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_vjps_equal_their_formulas(bits, sign):
-  x = latent_inputs(bits)
-  rng = np.random.default_rng(bits)
-  g = jnp.asarray(sign * rng.uniform(0.1, 2.0, x.shape).astype(np.float32))
-  g = g.at[::7].multiply(-1.0)  # both signs within one cotangent too
-  error = np.asarray(x) - np.asarray(ste(x, bits))
-  delta, mu = 0.37, 2.5
-  np.testing.assert_array_equal(vjp(lambda v: ste(v, bits), x, g), g)
-  np.testing.assert_allclose(vjp(lambda v: ewgs(v, bits, delta), x, g),
-                             np.asarray(g) * (1 + delta * np.sign(g) * error), rtol=1e-6)
-  np.testing.assert_allclose(vjp(lambda v: pege(v, bits, mu), x, g), np.asarray(g) + mu * error,
-                             rtol=1e-6, atol=1e-7)
+def test_vjps_equal_their_formulas(bits):
+  # random inputs and the rounding ties, cotangents of both signs (the kit's assert_vjp_equals)
+  testing.assert_vjp_equals(ste, STE_FORMULA, bits=bits, seed=bits, rtol=0, atol=0)   # bit for bit
+  testing.assert_vjp_equals(ewgs, EWGS_FORMULA, bits=bits, factor=0.37, factor_name="delta", seed=bits, atol=0)
+  testing.assert_vjp_equals(pege, PEGE_FORMULA, bits=bits, factor=2.5, factor_name="mu", seed=bits)
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_zero_factor_is_exactly_ste(bits):
   x = latent_inputs(bits)
   g = jnp.asarray(np.random.default_rng(0).normal(size=x.shape).astype(np.float32))
-  reference = vjp(lambda v: ste(v, bits), x, g)
-  np.testing.assert_array_equal(reference, g)
-  np.testing.assert_array_equal(vjp(lambda v: ewgs(v, bits, 0.0), x, g), reference)
-  np.testing.assert_array_equal(vjp(lambda v: pege(v, bits, 0.0), x, g), reference)
-  np.testing.assert_array_equal(ewgs(x, bits, 0.0), ste(x, bits))
-  np.testing.assert_array_equal(pege(x, bits, 0.0), ste(x, bits))
+  np.testing.assert_array_equal(vjp(lambda v: ste(v, bits), x, g), g)
+  for _, rule, factor_name in RULES:
+    testing.assert_zero_factor_is_ste(rule, bits=bits, factor_name=factor_name)
+
+
+@pytest.mark.parametrize("name,rule,factor_name", RULES)
+def test_forward_over_reverse_equals_reverse_over_reverse(name, rule, factor_name):
+  for bits in (1, 2, 4):   # EWGS's backward is not a gradient: its J is not symmetric, only transposed
+    testing.assert_second_order_modes_agree(functools.partial(rule, **{factor_name: 0.7}), bits=bits,
+                                            symmetric=name != "ewgs")
+  testing.assert_second_order_modes_agree(ste, bits=2)
+
+
+@pytest.mark.parametrize("name,rule,factor_name", RULES)
+def test_a_step_compiles_once_while_its_factor_changes(name, rule, factor_name):
+  testing.assert_compiles_once(rule, bits=2, factor_name=factor_name, factors=[0.0, 0.3, 2.0])
+
+
+class TestSTEVariants(testing.RuleTestCase):
+  discretizer = staticmethod(ste)
+
+
+class TestEWGSVariants(testing.RuleTestCase):
+  discretizer = staticmethod(functools.partial(ewgs, delta=0.6))
+  symmetric = False
+
+
+class TestPEGEVariants(testing.RuleTestCase):
+  discretizer = staticmethod(functools.partial(pege, mu=1.5))
+
+
+class TestRelativePEGEVariants(testing.RuleTestCase):
+  discretizer = staticmethod(functools.partial(estimators.pege_relative, mu=0.5))
+
+
+def test_the_kit_catches_a_wrong_rule():
+  with pytest.raises(AssertionError):   # PEGE's backward is not EWGS's formula
+    testing.assert_vjp_equals(pege, EWGS_FORMULA, bits=2, factor=0.37, factor_name="mu")
+  with pytest.raises(AssertionError):   # a rule that is not STE with its factor at 0
+    testing.assert_zero_factor_is_ste(lambda x, bits, mu: ewgs(x, bits, mu + 1.0), bits=2, factor_name="mu")
 
 
 def test_rule_scales_down_when_latent_is_ahead():
@@ -181,8 +204,8 @@ def test_grad_under_jit_with_traced_factors_matches_formula():
 
   for d, m in [(0.0, 0.0), (0.5, 2.0), (3.0, 0.1)]:   # one compilation, changing factors
     ge, gp = grads(jnp.float32(d), jnp.float32(m))
-    np.testing.assert_allclose(ge, np.asarray(g) * (1 + d * np.sign(g) * error), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(gp, np.asarray(g) + m * error, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(ge, EWGS_FORMULA(x, np.asarray(g), error, d), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(gp, PEGE_FORMULA(x, np.asarray(g), error, m), rtol=1e-6, atol=1e-7)
   assert grads._cache_size() == 1
 
 
@@ -226,6 +249,8 @@ def test_relative_pege_vjp_equals_its_formula(bits):
   np.testing.assert_allclose(vjp(lambda v: estimators.pege_relative(v, bits, mu), x, g),
                              np.asarray(g) + mu * spread * error, rtol=1e-5, atol=1e-9)
   np.testing.assert_array_equal(vjp(lambda v: estimators.pege_relative(v, bits, 0.0), x, g), g)
+  testing.assert_vjp_equals(estimators.pege_relative, PEGE_RELATIVE_FORMULA, bits=bits, factor=mu,
+                            factor_name="mu", cotangent_scale=0.01, rtol=1e-5, atol=1e-9)
 
 
 def _quantized_conv_loss(rule, mu):

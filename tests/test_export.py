@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from ewgs_jax import export, layers
+from ewgs_jax import export, initialization, layers
 from ewgs_jax.layers import QuantConfig, QuantConv, QuantizerSpec
 
 
@@ -30,9 +30,9 @@ def test_export_model_finds_every_interval_layer():
   quant = QuantConfig(rules=(("stage3", {"bits": 4}),))
   model = models.get_model("resnet8", num_classes=10, quant=quant)
   x = jax.random.normal(jax.random.key(3), (4, 8, 8, 1))
-  v = jax.jit(lambda k, x: layers.init_variables(model, k, x))(jax.random.key(4), x)
+  v = jax.jit(lambda k, x: initialization.init_variables(model, k, x))(jax.random.key(4), x)
   exported = export.export_model(quant, jax.tree.map(np.asarray, v["params"]))
-  assert sorted(exported) == layers.quantizable_layers(model, x)
+  assert sorted(exported) == initialization.quantizable_layers(model, x)
   assert exported["stage3_block0/conv1"]["weight_codes"].max() <= 15
   assert exported["stage1_block0/conv1"]["weight_codes"].max() <= 3
 

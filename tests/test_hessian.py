@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from ewgs_jax import hessian, layers, ops
+from ewgs_jax import hessian, initialization, layers, names
 from ewgs_jax.layers import QuantConfig, QuantConv, QuantDense, QuantizerSpec
 from tests import test_ops
 
@@ -43,7 +43,7 @@ def setup():
   out = {}
   for backward in ("ste", "ewgs", "pege"):
     model = TinyMLP(quant(backward))
-    variables = jax.jit(lambda k, x, m=model: layers.init_variables(m, k, x))(jax.random.key(1), x)
+    variables = jax.jit(lambda k, x, m=model: initialization.init_variables(m, k, x))(jax.random.key(1), x)
     variables["quant_state"] = jax.tree.map(lambda d: d + 2.0, variables["quant_state"])
     out[backward] = (model, variables)
   return out, batch
@@ -187,7 +187,7 @@ def test_refresh_only_writes_delta(setup):
   np.testing.assert_allclose(jax.tree.leaves(fixed), 0.001)
   # the report and the new quant_state agree, path by path (w_q -> delta_w, a_q -> delta_a)
   for path, leaf in jax.tree_util.tree_flatten_with_path(quant_state)[0]:
-    assert report[hessian._path_str(path)] == pytest.approx(float(leaf))
+    assert report[names.path_str(path)] == pytest.approx(float(leaf))
 
 
 def test_zero_gradient_batch_keeps_delta_finite(setup):
@@ -204,7 +204,7 @@ def test_zero_gradient_batch_keeps_delta_finite(setup):
 
 @pytest.mark.parametrize("policy,expected", [
     (hessian.DeltaRefreshPolicy(mode="hessian", every_epochs=10), [100, 200]),
-    (hessian.DeltaRefreshPolicy(mode="hessian", every_epochs=1, every_steps=25), [25, 50, 75, 100, 125, 150, 175, 200, 225]),
+    (hessian.DeltaRefreshPolicy(mode="hessian", every_epochs=1), [10 * k for k in range(1, 25)]),
     (hessian.DeltaRefreshPolicy(mode="fixed"), [0]),
     (hessian.DeltaRefreshPolicy(mode="off"), []),
 ])
@@ -223,12 +223,12 @@ def test_bad_modes_raise():
 _SHARDED_SCRIPT = textwrap.dedent("""
     import json
     import jax, numpy as np
-    from ewgs_jax import hessian, layers, parallel
+    from ewgs_jax import hessian, initialization, layers, parallel
     from tests.test_hessian import TinyMLP, quant
 
     model = TinyMLP(quant("ewgs"))
     x = jax.random.normal(jax.random.key(0), (8, 2)) + 0.5
-    variables = jax.jit(lambda k, x: layers.init_variables(model, k, x))(jax.random.key(1), x)
+    variables = jax.jit(lambda k, x: initialization.init_variables(model, k, x))(jax.random.key(1), x)
     batch = {"image": np.asarray(x), "label": np.asarray([0, 1, 2, 1, 0, 2, 1, 0])}
     mesh = parallel.make_mesh()
     rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
@@ -281,12 +281,13 @@ def test_linearize_equals_fresh_jvp(setup, mode):
 class TinyConvNet(nn.Module):
   """A strided and a stride-1 quantized convolution with BatchNorm, then a quantized classifier."""
   quant: QuantConfig
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, train=False, ctx=None):
-    x = QuantConv(4, strides=(2, 2), quant=self.quant, name="c1")(x, ctx)
+    x = QuantConv(4, strides=(2, 2), quant=self.quant, conv_impl=self.conv_impl, name="c1")(x, ctx)
     x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(x))
-    x = nn.relu(QuantConv(4, quant=self.quant, name="c2")(x, ctx))
+    x = nn.relu(QuantConv(4, quant=self.quant, conv_impl=self.conv_impl, name="c2")(x, ctx))
     return QuantDense(3, quant=self.quant, name="fc")(x.mean((1, 2)), ctx)
 
 
@@ -297,17 +298,16 @@ def test_estimate_of_a_conv_net_keeps_convolutions_fast_inside_its_sample_loop()
   gradients."""
   model = TinyConvNet(quant("ewgs"))
   x = jax.random.normal(jax.random.key(0), (4, 6, 6, 2))
-  variables = jax.jit(lambda k, x: layers.init_variables(model, k, x))(jax.random.key(1), x)
+  variables = jax.jit(lambda k, x: initialization.init_variables(model, k, x))(jax.random.key(1), x)
   args = (variables["params"], variables["batch_stats"], variables["quant_state"],
           {"image": x, "label": jnp.asarray([0, 1, 2, 1])}, jax.random.key(2))
   out = {}
   for impl in ("auto", "xla"):
-    with ops.conv_impl(impl):
-      estimate = jax.jit(hessian.trace_fn(model, mode="joint", max_samples=5, tolerance=0.0))
-      if impl == "auto" and jax.default_backend() == "cpu":
-        labels = test_ops.convolutions(estimate.lower(*args).compile().as_text())
-        assert len(labels) >= 8 and set(labels) == {"b01f_01io->b01f"}, labels
-      out[impl] = estimate(*args)
+    estimate = jax.jit(hessian.trace_fn(model.clone(conv_impl=impl), mode="joint", max_samples=5, tolerance=0.0))
+    if impl == "auto" and jax.default_backend() == "cpu":
+      labels = test_ops.convolutions(estimate.lower(*args).compile().as_text())
+      assert len(labels) >= 8 and set(labels) == {"b01f_01io->b01f"}, labels
+    out[impl] = estimate(*args)
   for a, b in zip(out["auto"], out["xla"]):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
   assert np.all(np.asarray(out["auto"][0]) != 0) and np.all(np.asarray(out["auto"][2]) == 5)

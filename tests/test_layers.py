@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import ewgs_jax as ej
-from ewgs_jax import layers, models
+from ewgs_jax import initialization, layers, models, names, quantizers
 from ewgs_jax.layers import QuantConfig, QuantContext, QuantConv, QuantDense, QuantizerSpec
 
 W2A2_EWGS = QuantConfig(weight=QuantizerSpec("interval", "ewgs", 2), act=QuantizerSpec("interval", "ewgs", 2))
@@ -52,7 +52,7 @@ def test_full_precision_layers_equal_plain_flax(images):
 
 def test_data_driven_initialisation_formulas(images):
   model = TwoConvs(W2A2_EWGS)
-  v = layers.init_variables(model, jax.random.key(4), images)
+  v = initialization.init_variables(model, jax.random.key(4), images)
   p = v["params"]["conv_a"]
   kernel = np.asarray(p["kernel"], np.float64)
   sigma_w = kernel.std(ddof=1)                               # unbiased, as torch.std
@@ -74,10 +74,10 @@ def test_data_driven_initialisation_formulas(images):
 
 def test_pact_and_lsq_initialisations(images):
   pact = TwoConvs(QuantConfig(weight=QuantizerSpec("pact"), act=QuantizerSpec("pact")))
-  p = layers.init_variables(pact, jax.random.key(5), images)["params"]["conv_a"]
-  assert float(p["q_a_clip"]) == layers.PACT_INIT_CLIP
+  p = initialization.init_variables(pact, jax.random.key(5), images)["params"]["conv_a"]
+  assert float(p["q_a_clip"]) == quantizers.PACT_INIT_CLIP
   lsq = TwoConvs(QuantConfig(weight=QuantizerSpec("lsq", bits=3), act=QuantizerSpec("lsq", bits=3)))
-  p = layers.init_variables(lsq, jax.random.key(5), images)["params"]["conv_a"]
+  p = initialization.init_variables(lsq, jax.random.key(5), images)["params"]["conv_a"]
   np.testing.assert_allclose(p["q_a_step"], 2 * np.abs(np.asarray(images)).mean() / math.sqrt(7), rtol=1e-5)
   np.testing.assert_allclose(p["q_w_step"], 2 * np.abs(np.asarray(p["kernel"])).mean() / math.sqrt(3), rtol=1e-5)
   assert "q_alpha" not in p   # the output scale belongs to the interval (EWGS) parameterisation
@@ -87,7 +87,7 @@ def test_rule_changes_exactly_the_matched_layers(images):
   base2 = QuantConfig(rules=((r"conv_b$", {"bits": 4}),))
   all4 = QuantConfig(weight=QuantizerSpec(bits=4), act=QuantizerSpec(bits=4))
   assert base2.resolve("conv_b").weight.bits == 4 and base2.resolve("conv_a").weight.bits == 2
-  v = layers.init_variables(TwoConvs(base2), jax.random.key(6), images)
+  v = initialization.init_variables(TwoConvs(base2), jax.random.key(6), images)
   run = lambda quant: TwoConvs(quant).apply(v, images, capture_intermediates=True, mutable=["intermediates"])[1]
   mixed, four = run(base2), run(all4)
   out = lambda tree, name: tree["intermediates"][name]["__call__"][0]
@@ -103,8 +103,8 @@ def test_rule_changes_exactly_the_matched_layers(images):
 
 def test_unmatched_or_invalid_rules_raise(images):
   with pytest.raises(ValueError, match=r"\['conv_c'\] match no quantizable layer"):
-    layers.check_rules(TwoConvs(QuantConfig(rules=(("conv_c", {"bits": 3}),))), images)
-  layers.check_rules(TwoConvs(QuantConfig(rules=(("conv_", {"bits": 3}),))), images)
+    initialization.check_rules(TwoConvs(QuantConfig(rules=(("conv_c", {"bits": 3}),))), images)
+  initialization.check_rules(TwoConvs(QuantConfig(rules=(("conv_", {"bits": 3}),))), images)
   with pytest.raises(ValueError, match="unknown keys"):
     QuantConfig(rules=(("conv", {"bitz": 3}),))
   with pytest.raises(ValueError, match="bits"):
@@ -114,12 +114,12 @@ def test_unmatched_or_invalid_rules_raise(images):
   # first/last layers of a model are not quantizable by default: a rule aimed at them is unmatched
   resnet = models.get_model("resnet8", num_classes=10, quant=QuantConfig(rules=(("^fc$", {"bits": 8}),)))
   with pytest.raises(ValueError, match="match no quantizable layer"):
-    layers.check_rules(resnet, jnp.zeros((2, 8, 8, 1)))
+    initialization.check_rules(resnet, jnp.zeros((2, 8, 8, 1)))
 
 
 def test_warm_start_copies_weights_and_names_mismatches(images):
-  fp_vars = layers.init_variables(TwoConvs(None), jax.random.key(7), images)
-  q_vars = layers.warm_start(TwoConvs(W2A2_EWGS), fp_vars, jax.random.key(8), images)
+  fp_vars = initialization.init_variables(TwoConvs(None), jax.random.key(7), images)
+  q_vars = initialization.warm_start(TwoConvs(W2A2_EWGS), fp_vars, jax.random.key(8), images)
   for name in ("conv_a", "conv_b", "fc"):
     for leaf in fp_vars["params"][name]:
       np.testing.assert_array_equal(q_vars["params"][name][leaf], fp_vars["params"][name][leaf])
@@ -129,17 +129,17 @@ def test_warm_start_copies_weights_and_names_mismatches(images):
                              3 * np.asarray(fp_vars["params"]["conv_a"]["kernel"]).std(ddof=1), rtol=1e-5)
   broken = {"params": {**fp_vars["params"], "conv_b": {"kernel": jnp.zeros((3, 3, 6, 5))}, "extra": {"w": jnp.zeros(1)}}}
   with pytest.raises(ValueError, match=r"unexpected params/extra/w; shape of params/conv_b/kernel: checkpoint \(3, 3, 6, 5\)"):
-    layers.warm_start(TwoConvs(W2A2_EWGS), broken, jax.random.key(8), images)
+    initialization.warm_start(TwoConvs(W2A2_EWGS), broken, jax.random.key(8), images)
   del broken["params"]["fc"]
   with pytest.raises(ValueError, match="missing params/fc/bias"):
-    layers.warm_start(TwoConvs(W2A2_EWGS), broken, jax.random.key(8), images)
+    initialization.warm_start(TwoConvs(W2A2_EWGS), broken, jax.random.key(8), images)
 
 
 @pytest.mark.parametrize("backward", ["ewgs", "pege"])
 def test_gradients_reach_every_quantizer_parameter_and_not_delta(images, backward):
   quant = QuantConfig(weight=QuantizerSpec("interval", backward, 2), act=QuantizerSpec("interval", backward, 2))
   model = TwoConvs(quant)
-  v = layers.init_variables(model, jax.random.key(9), images)
+  v = initialization.init_variables(model, jax.random.key(9), images)
   v["quant_state"] = jax.tree.map(lambda d: d + 0.5, v["quant_state"])
   ctx = QuantContext(mu=jnp.float32(0.1), rate=jnp.float32(0.7), key=jax.random.key(1))
 
@@ -153,7 +153,7 @@ def test_gradients_reach_every_quantizer_parameter_and_not_delta(images, backwar
     assert np.all(np.abs(np.asarray(g)).sum() > 0), path
   for g in jax.tree.leaves(grads["quant_state"]):
     assert float(g) == 0.0
-  assert layers.is_quantizer_param(("conv_a", "q_alpha")) and not layers.is_quantizer_param(("conv_a", "kernel"))
+  assert names.is_quantizer_param(("conv_a", "q_alpha")) and not names.is_quantizer_param(("conv_a", "kernel"))
 
 
 def test_probe_gradient_is_the_gradient_wrt_x_q(images):
@@ -182,7 +182,9 @@ def test_probe_gradient_is_the_gradient_wrt_x_q(images):
 
 
 def test_replacement_in_the_layer_follows_the_rate(images):
-  layer = QuantConv(4, (3, 3), quant=W2A2_EWGS)
+  # replacement belongs to the PEGE rule (estimators.RULES["pege"].replacement): a PEGE layer
+  layer = QuantConv(4, (3, 3), quant=QuantConfig(weight=QuantizerSpec("interval", "pege", 2),
+                                                act=QuantizerSpec("interval", "pege", 2)))
   v = layer.init(jax.random.key(12), images)
   v = {k: v[k] for k in ("params", "quant_state")}
   quantized = layer.apply(v, images)
@@ -209,19 +211,19 @@ def test_model_zoo_shapes_and_parameter_counts(name, shape, classes, expected):
     out = jax.eval_shape(functools.partial(model.apply, train=False), v, jnp.zeros(shape))
     assert out.shape == (1, classes)
     weights = sum(x.size for p, x in jax.tree_util.tree_leaves_with_path(v["params"])
-                  if not layers.is_quantizer_param([getattr(k, "key", k) for k in p]))
+                  if not names.is_quantizer_param([getattr(k, "key", k) for k in p]))
     assert weights == expected
 
 
 def test_mobilenet_can_quantize_every_layer():
   everything = QuantConfig(quantize_first_last=True)
-  paths = layers.quantizable_layers(models.get_model("mobilenet_v2", num_classes=10, quant=everything),
+  paths = initialization.quantizable_layers(models.get_model("mobilenet_v2", num_classes=10, quant=everything),
                                     jnp.zeros((1, 32, 32, 3)))
   assert "stem" in paths and "fc" in paths and "block1_0/depthwise" in paths
-  default = layers.quantizable_layers(models.get_model("mobilenet_v2", num_classes=10, quant=QuantConfig()),
+  default = initialization.quantizable_layers(models.get_model("mobilenet_v2", num_classes=10, quant=QuantConfig()),
                                       jnp.zeros((1, 32, 32, 3)))
   assert "stem" not in default and "fc" not in default
-  resnet18 = layers.quantizable_layers(models.get_model("resnet18", num_classes=10, quant=QuantConfig()),
+  resnet18 = initialization.quantizable_layers(models.get_model("resnet18", num_classes=10, quant=QuantConfig()),
                                        jnp.zeros((1, 64, 64, 3)))
   assert "layer2_block0/downsample_conv" in resnet18 and "conv1" not in resnet18
 
@@ -229,3 +231,66 @@ def test_mobilenet_can_quantize_every_layer():
 def test_unknown_model_lists_choices():
   with pytest.raises(ValueError, match=r"valid choices: \[.*'mobilenet_v2'.*'resnet20'"):
     models.get_model("resnet21", num_classes=10)
+
+
+# --- machinery follows the rules as resolved per layer (issue 13) ------------------------------
+
+
+MIXED = QuantConfig(weight=QuantizerSpec("interval", "ewgs", 2), act=QuantizerSpec("interval", "ewgs", 2),
+                    rules=(("conv_b", {"backward": "pege"}), ("fc", {"backward": "ste"})))
+
+
+def test_rules_in_use_are_the_resolved_ones(images):
+  assert initialization.rules_in_use(TwoConvs(MIXED), images) == {"ewgs", "pege", "ste"}
+  assert initialization.rules_in_use(TwoConvs(W2A2_EWGS), images) == {"ewgs"}
+  assert initialization.rules_in_use(TwoConvs(None), images) == frozenset()
+  only_pege = QuantConfig(rules=((".", {"backward": "pege"}),))   # global ste, every layer pege
+  assert initialization.rules_in_use(TwoConvs(only_pege), jax.ShapeDtypeStruct(images.shape, images.dtype)) == {"pege"}
+
+
+def test_context_reaches_only_the_layers_whose_rule_reads_it(images):
+  """A PEGE layer in an EWGS model gets mu and replacement; the EWGS and STE layers ignore the context."""
+  model = TwoConvs(MIXED)
+  v = initialization.init_variables(model, jax.random.key(3), images)
+  captured = lambda ctx: model.apply(v, images, ctx=ctx, capture_intermediates=True)[1]["intermediates"]
+  plain = captured(None)
+  replaced = captured(QuantContext(mu=jnp.float32(0.0), rate=jnp.float32(0.3), key=jax.random.key(0)))
+  # conv_a (ewgs) sees the same input either way and must not replace: same output
+  np.testing.assert_array_equal(replaced["conv_a"]["__call__"][0], plain["conv_a"]["__call__"][0])
+  # conv_b (pege) replaces part of its quantized values by full-precision ones
+  assert not np.allclose(replaced["conv_b"]["__call__"][0], plain["conv_b"]["__call__"][0])
+
+  def kernel_grads(mu):
+    ctx = QuantContext(mu=jnp.float32(mu))
+    return jax.grad(lambda p: jnp.sum(model.apply({**v, "params": p}, images, ctx=ctx) ** 2))(v["params"])
+
+  g0, g5 = kernel_grads(0.0), kernel_grads(5.0)
+  assert not np.allclose(g0["conv_b"]["kernel"], g5["conv_b"]["kernel"])   # mu acts on the pege layer
+  for layer in ("conv_a", "fc"):                                          # and on no other
+    assert layer in g0
+  np.testing.assert_array_equal(g0["fc"]["kernel"], g5["fc"]["kernel"])
+
+
+def test_a_user_registered_rule_runs_in_the_layers(images):
+  """One function and one registration: a constant-factor rule (a scaled STE) works in the layers."""
+  from ewgs_jax import estimators
+
+  def doubled(x, bits, scale):   # STE with its gradient scaled by a constant factor
+    @jax.custom_vjp
+    def f(x):
+      return estimators.rounding(x, bits)[0].astype(x.dtype)
+    f.defvjp(lambda x: (estimators.rounding(x, bits)[0].astype(x.dtype), None), lambda _, g: (g * scale,))
+    return f(x)
+
+  rule = estimators.register_rule(estimators.BackwardRule("scaled_ste_test", doubled, factor="scale",
+                                                          source="constant", value=2.0), replace=True)
+  try:
+    model = TwoConvs(QuantConfig(rules=(("fc", {"backward": "scaled_ste_test"}),)))
+    assert initialization.rules_in_use(model, images) == {"ste", "scaled_ste_test"}
+    v = initialization.init_variables(model, jax.random.key(3), images)
+    grads = jax.grad(lambda p: jnp.sum(model.apply({**v, "params": p}, images)))(v["params"])
+    ste_model = TwoConvs(QuantConfig())
+    ste_grads = jax.grad(lambda p: jnp.sum(ste_model.apply({**v, "params": p}, images)))(v["params"])
+    np.testing.assert_allclose(grads["fc"]["kernel"], 2.0 * ste_grads["fc"]["kernel"], rtol=1e-5, atol=1e-6)
+  finally:
+    estimators.RULES.pop(rule.name)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ewgs_jax import layers, models
+from ewgs_jax import initialization, layers, models
 from ewgs_jax.layers import QuantConfig, QuantContext, QuantizerSpec
 
 W2A2_PEGE = QuantConfig(weight=QuantizerSpec("interval", "pege", 2), act=QuantizerSpec("interval", "pege", 2))
@@ -20,8 +20,8 @@ def digits():
 def test_disabled_config_is_the_full_precision_model(digits):
   fp = models.get_model("resnet8", num_classes=10)
   off = models.get_model("resnet8", num_classes=10, quant=QuantConfig(enabled=False))
-  v = jax.jit(lambda k, x: layers.init_variables(fp, k, x))(jax.random.key(1), digits)
-  off_params = jax.eval_shape(lambda k, x: layers.init_variables(off, k, x), jax.random.key(1), digits)["params"]
+  v = jax.jit(lambda k, x: initialization.init_variables(fp, k, x))(jax.random.key(1), digits)
+  off_params = jax.eval_shape(lambda k, x: initialization.init_variables(off, k, x), jax.random.key(1), digits)["params"]
   assert jax.tree_util.tree_structure(off_params) == jax.tree_util.tree_structure(v["params"])
   apply = lambda m: jax.jit(lambda v, x: m.apply(v, x, train=False))(v, digits)
   np.testing.assert_allclose(apply(off), apply(fp), rtol=1e-6)
@@ -29,10 +29,10 @@ def test_disabled_config_is_the_full_precision_model(digits):
 
 def test_resnet8_quantizable_paths_and_first_last_switch(digits):
   model = models.get_model("resnet8", num_classes=10, quant=W2A2_PEGE)
-  paths = layers.quantizable_layers(model, digits)
+  paths = initialization.quantizable_layers(model, digits)
   assert paths == [f"stage{s}_block0/conv{c}" for s in (1, 2, 3) for c in (1, 2)]
   both = QuantConfig(weight=W2A2_PEGE.weight, act=W2A2_PEGE.act, quantize_first_last=True)
-  assert set(layers.quantizable_layers(models.get_model("resnet8", num_classes=10, quant=both), digits)) == \
+  assert set(initialization.quantizable_layers(models.get_model("resnet8", num_classes=10, quant=both), digits)) == \
       set(paths) | {"conv1", "fc"}
 
 
@@ -40,7 +40,7 @@ def test_resnet8_quantizable_paths_and_first_last_switch(digits):
 def test_init_with_context_and_replacement_gives_finite_outputs(digits):
   model = models.get_model("resnet8", num_classes=10, quant=W2A2_PEGE)
   ctx = QuantContext(mu=jnp.float32(0.5), rate=jnp.float32(0.5), key=jax.random.key(2))
-  v = jax.jit(lambda k, x, c: layers.init_variables(model, k, x, ctx=c))(jax.random.key(1), digits, ctx)
+  v = jax.jit(lambda k, x, c: initialization.init_variables(model, k, x, ctx=c))(jax.random.key(1), digits, ctx)
   assert set(v) == {"params", "batch_stats", "quant_state"}
   train = jax.jit(lambda v, x, c: model.apply(v, x, train=True, ctx=c, mutable=["batch_stats"])[0])
   logits = train(v, digits, ctx)

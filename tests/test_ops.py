@@ -29,9 +29,8 @@ CASES = [  # (input shape, kernel, stride, padding, groups, out channels)
 
 def conv_fn(impl, stride, padding, groups):
   def f(x, w):
-    with ops.conv_impl(impl):
-      return ops.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=ops.NHWC,
-                                      feature_group_count=groups)
+    return ops.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=ops.NHWC,
+                                    feature_group_count=groups, impl=impl)
   return f
 
 
@@ -102,28 +101,39 @@ def test_switch_selects_what_it_says():
   x, w = inputs((1, 5, 5, 2), 3, 1, 2)
 
   def uses_custom_vjp(impl):
-    with ops.conv_impl(impl):
-      jaxpr = jax.make_jaxpr(lambda x, w: ops.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=ops.NHWC))(x, w)
+    jaxpr = jax.make_jaxpr(lambda x, w: ops.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=ops.NHWC,
+                                                                 impl=impl))(x, w)
     return "custom_vjp_call" in str(jaxpr)
 
   assert uses_custom_vjp("fast") and not uses_custom_vjp("xla")
   on_cpu = jax.default_backend() == "cpu"
-  with ops.conv_impl("auto"):   # the custom rule on CPU only, for dense and grouped convolutions alike
-    assert ops.selected_impl() == ("fast" if on_cpu else "xla")
-    assert uses_custom_vjp("auto") == on_cpu
-    xd, wd = inputs((1, 5, 5, 4), 3, 4, 4)
-    depthwise = jax.make_jaxpr(lambda x, w: ops.conv_general_dilated(
-        x, w, (1, 1), "SAME", dimension_numbers=ops.NHWC, feature_group_count=4))(xd, wd)
-    assert ("custom_vjp_call" in str(depthwise)) == on_cpu
-  with ops.conv_impl("xla"):
-    assert ops.selected_impl() == "xla"
+  # auto: the custom rule on CPU only, for dense and grouped convolutions alike
+  assert ops.selected_impl("auto") == ops.selected_impl() == ("fast" if on_cpu else "xla")
+  assert uses_custom_vjp("auto") == on_cpu
+  xd, wd = inputs((1, 5, 5, 4), 3, 4, 4)
+  depthwise = jax.make_jaxpr(lambda x, w: ops.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=ops.NHWC, feature_group_count=4))(xd, wd)
+  assert ("custom_vjp_call" in str(depthwise)) == on_cpu
+  assert ops.selected_impl("xla") == "xla"
   # unsupported variants (dilation, other layouts) fall back to XLA even when forced
-  with ops.conv_impl("fast"):
-    jaxpr = jax.make_jaxpr(lambda x, w: ops.conv_general_dilated(x, w, (1, 1), "SAME", rhs_dilation=(2, 2),
-                                                                 dimension_numbers=ops.NHWC))(x, w)
+  jaxpr = jax.make_jaxpr(lambda x, w: ops.conv_general_dilated(x, w, (1, 1), "SAME", rhs_dilation=(2, 2),
+                                                               dimension_numbers=ops.NHWC, impl="fast"))(x, w)
   assert "custom_vjp_call" not in str(jaxpr)
   with pytest.raises(ValueError, match=r"valid choices: \['auto', 'xla', 'fast'\]"):
-    ops.set_conv_impl("cudnn")
+    ops.selected_impl("cudnn")
+
+
+def test_a_jitted_function_keeps_the_impl_it_was_given():
+  """The implementation is an argument, not a global read at trace time: two jitted functions with
+  different ``impl`` stay different however they are interleaved (the old ``conv_impl`` context
+  manager's trap: a function jitted under "fast" kept "fast" after the setting changed)."""
+  x, w = inputs((1, 5, 5, 2), 3, 1, 2)
+  on = {impl: jax.jit(lambda w, impl=impl: jnp.sum(ops.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=ops.NHWC, impl=impl) ** 2)) for impl in ("fast", "xla")}
+  for impl in ("fast", "xla", "fast"):
+    on[impl](w)
+    assert ("custom_vjp_call" in str(on[impl].trace(w).jaxpr)) == (impl == "fast")
+    np.testing.assert_allclose(jax.grad(on[impl])(w), jax.grad(on["xla"])(w), rtol=1e-4, atol=1e-4)
 
 
 def convolutions(compiled_hlo: str) -> list[str]:
@@ -139,25 +149,23 @@ def test_auto_keeps_every_convolution_of_a_loop_body_canonical():
   x, w1 = inputs((2, 9, 9, 4), 3, 1, 6)
   w2 = jax.random.normal(jax.random.key(2), (3, 3, 6, 5)) * 0.2
 
-  def loss(ws, x):
-    y = jnp.tanh(ops.conv_general_dilated(x, ws[0], (2, 2), "SAME", dimension_numbers=ops.NHWC))
-    return jnp.sum(jnp.tanh(ops.conv_general_dilated(y, ws[1], (1, 1), [(1, 2), (0, 1)],
-                                                     dimension_numbers=ops.NHWC)) ** 2)
+  def looped(impl):
+    def loss(ws, x):
+      y = jnp.tanh(ops.conv_general_dilated(x, ws[0], (2, 2), "SAME", dimension_numbers=ops.NHWC, impl=impl))
+      return jnp.sum(jnp.tanh(ops.conv_general_dilated(y, ws[1], (1, 1), [(1, 2), (0, 1)],
+                                                       dimension_numbers=ops.NHWC, impl=impl)) ** 2)
 
-  def looped():   # a new function per use: JAX caches traces per function, across conv_impl settings
     def run(ws, x, n):
       hvp = lambda i, acc: jax.tree.map(jnp.add, acc, jax.jvp(jax.grad(loss), (ws, x * (1.0 + i)), (ws, x))[1])
       return jax.lax.fori_loop(0, n, hvp, jax.tree.map(jnp.zeros_like, ws))
     return jax.jit(run)
 
-  with ops.conv_impl("xla"):
-    expected = looped()((w1, w2), x, 2)
-  with ops.conv_impl("auto"):
-    fn = looped()
-    if jax.default_backend() == "cpu":
-      labels = convolutions(fn.lower((w1, w2), x, 2).compile().as_text())
-      assert labels and set(labels) == {"b01f_01io->b01f"}, labels
-    got = fn((w1, w2), x, 2)
+  expected = looped("xla")((w1, w2), x, 2)
+  fn = looped("auto")
+  if jax.default_backend() == "cpu":
+    labels = convolutions(fn.lower((w1, w2), x, 2).compile().as_text())
+    assert labels and set(labels) == {"b01f_01io->b01f"}, labels
+  got = fn((w1, w2), x, 2)
   for a, b in zip(got, expected):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
@@ -171,8 +179,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     w = jax.random.normal(jax.random.key(1), (3, 3, 4, 5)) * 0.2
     def loss(impl):
       def f(x, w):
-        with ops.conv_impl(impl):
-          y = ops.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=ops.NHWC)
+        y = ops.conv_general_dilated(x, w, (2, 2), "SAME", dimension_numbers=ops.NHWC, impl=impl)
         return jnp.sum(jnp.tanh(y) ** 2)
       return f
     dx_ref, dw_ref = jax.grad(loss("xla"), (0, 1))(x, w)

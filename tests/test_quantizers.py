@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import ewgs_jax as ej
+from ewgs_jax import estimators, quantizers, testing
 from ewgs_jax.quantizers import lsq_range
 
 
@@ -132,6 +133,28 @@ def test_any_forward_method_takes_any_backward_rule(method):
   g_pege = jax.grad(lambda v: jnp.sum(coef * fn(v, functools.partial(ej.pege, mu=1.0))))(x)
   np.testing.assert_allclose(fn(x, ej.ste), fn(x, functools.partial(ej.ewgs, delta=1.0)))
   assert not np.allclose(g_ste, g_ewgs) and not np.allclose(g_ste, g_pege)
+
+
+@pytest.mark.parametrize("method", sorted(quantizers.METHODS))
+@pytest.mark.parametrize("rule", sorted(estimators.RULES))
+def test_every_registered_method_and_rule_through_the_kit(method, rule):
+  """Each registered forward method on each registered rule: the gradient is the same eagerly, under jit
+  and under vmap; the two second-order modes agree; a step compiles once while the factor changes."""
+  forward = quantizers.get_method(method)
+  backward = estimators.get_rule(rule)
+  x = jax.random.normal(jax.random.key(6), (4, 8)) * 0.7
+  params = {suffix: init(x, 2, True) for suffix, init in forward.params.items()}
+
+  def quantize(v, factor=0.4):
+    return forward.apply(v, params, bits=2, weight=True, discretizer=backward.bind(factor))
+
+  coef = jnp.linspace(-1, 1, 8)
+  testing.assert_variants_agree(jax.grad(lambda v: jnp.sum(coef * quantize(v))), x)
+  # the discretizer seen through the method: x in [0, 1] -> the method's output of a rescaled input
+  through = lambda v, bits: quantize(4.0 * v - 2.0)
+  testing.assert_second_order_modes_agree(through, bits=2, symmetric=rule != "ewgs")
+  if backward.factor is not None:
+    testing.assert_compiles_once(lambda v, bits, f: quantize(v, f), bits=2, factor_name="f", factors=[0.0, 0.7])
 
 
 def test_hook_sees_latent_and_discrete_values():

@@ -19,3 +19,23 @@ def test_readme_python_example_runs():
   np.testing.assert_allclose(float(namespace["p_T"]), np.log10(0.001 * 1000 + 2.0), rtol=1e-6)
   mixed = np.asarray(namespace["mixed"])
   assert np.all(np.isclose(mixed, 0.4) | np.isclose(mixed, 1 / 3))
+
+
+def test_readme_user_rule_example_runs_and_trains_in_a_layer():
+  from ewgs_jax import estimators, layers
+  import jax
+  import jax.numpy as jnp
+  block = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "register_rule" in b)
+  namespace = {}
+  try:
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert estimators.get_rule("damped").source == "constant"
+    quant = layers.QuantConfig(weight=layers.QuantizerSpec("interval", "damped", 2),
+                               act=layers.QuantizerSpec("interval", "damped", 2))
+    model = layers.QuantDense(3, quant=quant)
+    x = jax.random.uniform(jax.random.key(0), (4, 5))
+    v = model.init(jax.random.key(1), x)
+    g = jax.grad(lambda p: jnp.sum(model.apply({**v, "params": p}, x)))(v["params"])
+    assert np.all(np.isfinite(np.asarray(g["kernel"])))
+  finally:
+    estimators.RULES.pop("damped", None)

@@ -84,6 +84,29 @@ def test_rerun_of_a_finished_run_resumes_and_a_different_config_is_refused(pege_
     training.train_and_evaluate(changed, workdir)
 
 
+def test_machinery_follows_the_rules_each_layer_resolves_to(tmp_path):
+  """Issue 13: a global STE run whose layers resolve to PEGE and EWGS gets mu_T, p_T and the delta refresh.
+
+  Before, training decided from ``quant.backward``: the PEGE layer trained as plain STE (mu = 0, no
+  replacement) and the EWGS layer kept delta = 0.
+  """
+  config = small_config({"num_train_steps": 3, "quant.backward": "ste", "delta.mode": "fixed",
+                         "quant.rules": (("stage1_block0/conv1", {"backward": "pege"}),
+                                         ("stage1_block0/conv2", {"backward": "ewgs"}))}, variant="w2a2_ste")
+  summary = training.train_and_evaluate(config, str(tmp_path))
+  records = train_losses(str(tmp_path))
+  rate, mu = config_lib.pege_schedules(config.pege, total_steps=3)
+  np.testing.assert_allclose([r["rate"] for r in records], [float(rate(r["step"] - 1)) for r in records], rtol=1e-6)
+  np.testing.assert_allclose([r["mu"] for r in records], [float(mu(r["step"] - 1)) for r in records], rtol=1e-6)
+  assert records[0]["rate"] < 1.0 and records[-1]["mu"] > 0.0
+  assert summary["delta_refreshes"] == 1
+  assert summary["quantizers"]["stage1_block0/conv2"]["delta_w"] == pytest.approx(config.delta.fixed_value)
+  # and the other way round: an all-STE model under a global PEGE setting runs no PEGE machinery
+  assert training.pege_schedules(config, 3, {"ste"})[1](2) == 0.0
+  assert float(training.pege_schedules(config, 3, {"ste", "ewgs"})[0](0)) == 1.0
+  assert not training.refreshes_deltas({"ste", "pege"}) and training.refreshes_deltas({"ewgs"})
+
+
 def test_loss_goes_down(tmp_path):
   config = small_config({"num_train_steps": 30, "quant.enabled": False, "delta.mode": "off",
                          "learning_rate": 1e-2}, variant="fp")

@@ -1,18 +1,11 @@
 """The shipped configs as tests and benchmarks load them, and the small training configuration
 shared by the end-to-end tests."""
 
-import importlib.util
 import pathlib
 
+from ewgs_jax.config import load_config  # noqa: F401 (the shipped configs load from the package)
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load_config(name, variant=None):
-  """``configs/<name>.py``'s ``get_config(variant)``, as ``train.py --config`` would load it."""
-  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
 
 
 def quickstart(variant):

@@ -30,11 +30,12 @@ class BasicBlock(nn.Module):
   stride: int
   quant: QuantConfig | None
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"   # ops.IMPLS, passed to every QuantConv
 
   @nn.compact
   def __call__(self, x, train: bool, ctx: QuantContext | None = None):
     conv = lambda stride, name: QuantConv(self.planes, (3, 3), (stride, stride), padding=[(1, 1), (1, 1)],
-                                          quant=self.quant, dtype=self.dtype, name=name)
+                                          quant=self.quant, dtype=self.dtype, conv_impl=self.conv_impl, name=name)
     y = nn.relu(batch_norm(train, "bn1", self.dtype)(conv(self.stride, "conv1")(x, ctx)))
     y = batch_norm(train, "bn2", self.dtype)(conv(1, "conv2")(y, ctx))
     shortcut = x
@@ -51,18 +52,19 @@ class CifarResNet(nn.Module):
   stage_widths: tuple = (16, 32, 64)
   quant: QuantConfig | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"   # ops.IMPLS, passed to every QuantConv
 
   @nn.compact
   def __call__(self, x, train: bool = False, ctx: QuantContext | None = None):
     edge_quant = first_last_quant(self.quant)
     x = x.astype(self.dtype)
-    x = QuantConv(self.stage_widths[0], (3, 3), padding=[(1, 1), (1, 1)], quant=edge_quant, dtype=self.dtype,
+    x = QuantConv(self.stage_widths[0], (3, 3), padding=[(1, 1), (1, 1)], quant=edge_quant, dtype=self.dtype, conv_impl=self.conv_impl,
                   name="conv1")(x, ctx)
     x = nn.relu(batch_norm(train, "bn1", self.dtype)(x))
     for stage, planes in enumerate(self.stage_widths):
       for block in range(self.blocks_per_stage):
         stride = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock(planes, stride, self.quant, self.dtype, name=f"stage{stage + 1}_block{block}")(x, train, ctx)
+        x = BasicBlock(planes, stride, self.quant, self.dtype, conv_impl=self.conv_impl, name=f"stage{stage + 1}_block{block}")(x, train, ctx)
     x = jnp.mean(x, axis=(1, 2))
     x = batch_norm(train, "bn2", self.dtype)(x)
     x = QuantDense(self.num_classes, quant=edge_quant, dtype=self.dtype, name="fc")(x, ctx)

@@ -24,13 +24,14 @@ class ResidualBlock(nn.Module):
   bottleneck: bool
   quant: QuantConfig | None
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"   # ops.IMPLS, passed to every QuantConv
 
   @nn.compact
   def __call__(self, x, train: bool, ctx: QuantContext | None = None):
     def conv(features, kernel, stride, name):
       pad = kernel // 2
       return QuantConv(features, (kernel, kernel), (stride, stride), padding=[(pad, pad), (pad, pad)],
-                       quant=self.quant, dtype=self.dtype, name=name)
+                       quant=self.quant, dtype=self.dtype, conv_impl=self.conv_impl, name=name)
 
     expansion = 4 if self.bottleneck else 1
     if self.bottleneck:
@@ -53,18 +54,19 @@ class ImageNetResNet(nn.Module):
   num_classes: int = 1000
   quant: QuantConfig | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"   # ops.IMPLS, passed to every QuantConv
 
   @nn.compact
   def __call__(self, x, train: bool = False, ctx: QuantContext | None = None):
     edge_quant = first_last_quant(self.quant)
     x = x.astype(self.dtype)
-    x = QuantConv(64, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], quant=edge_quant, dtype=self.dtype, name="conv1")(x, ctx)
+    x = QuantConv(64, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], quant=edge_quant, dtype=self.dtype, conv_impl=self.conv_impl, name="conv1")(x, ctx)
     x = nn.relu(batch_norm(train, "bn1", self.dtype)(x))
     x = nn.max_pool(x, (3, 3), (2, 2), padding=[(1, 1), (1, 1)])
     for stage, blocks in enumerate(self.stage_sizes):
       for block in range(blocks):
         stride = 2 if stage > 0 and block == 0 else 1
-        x = ResidualBlock(64 * 2 ** stage, stride, self.bottleneck, self.quant, self.dtype,
+        x = ResidualBlock(64 * 2 ** stage, stride, self.bottleneck, self.quant, self.dtype, conv_impl=self.conv_impl,
                           name=f"layer{stage + 1}_block{block}")(x, train, ctx)
     x = jnp.mean(x, axis=(1, 2))
     return QuantDense(self.num_classes, quant=edge_quant, dtype=self.dtype, name="fc")(x, ctx).astype(jnp.float32)

@@ -27,18 +27,19 @@ class InvertedResidual(nn.Module):
   expansion: int
   quant: QuantConfig | None
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"   # ops.IMPLS, passed to every QuantConv
 
   @nn.compact
   def __call__(self, x, train: bool, ctx: QuantContext | None = None):
     hidden = x.shape[-1] * self.expansion
     y = x
     if self.expansion != 1:
-      y = QuantConv(hidden, (1, 1), quant=self.quant, dtype=self.dtype, name="expand")(y, ctx)
+      y = QuantConv(hidden, (1, 1), quant=self.quant, dtype=self.dtype, conv_impl=self.conv_impl, name="expand")(y, ctx)
       y = nn.relu6(batch_norm(train, "expand_bn", self.dtype)(y))
     y = QuantConv(hidden, (3, 3), (self.stride, self.stride), padding=[(1, 1), (1, 1)], feature_group_count=hidden,
-                  quant=self.quant, dtype=self.dtype, name="depthwise")(y, ctx)
+                  quant=self.quant, dtype=self.dtype, conv_impl=self.conv_impl, name="depthwise")(y, ctx)
     y = nn.relu6(batch_norm(train, "depthwise_bn", self.dtype)(y))
-    y = QuantConv(self.features, (1, 1), quant=self.quant, dtype=self.dtype, name="project")(y, ctx)
+    y = QuantConv(self.features, (1, 1), quant=self.quant, dtype=self.dtype, conv_impl=self.conv_impl, name="project")(y, ctx)
     y = batch_norm(train, "project_bn", self.dtype)(y)
     return x + y if self.stride == 1 and x.shape[-1] == self.features else y
 
@@ -47,17 +48,18 @@ class MobileNetV2(nn.Module):
   num_classes: int = 1000
   quant: QuantConfig | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"   # ops.IMPLS, passed to every QuantConv
 
   @nn.compact
   def __call__(self, x, train: bool = False, ctx: QuantContext | None = None):
     edge_quant = first_last_quant(self.quant)
     x = x.astype(self.dtype)
-    x = QuantConv(32, (3, 3), (2, 2), padding=[(1, 1), (1, 1)], quant=edge_quant, dtype=self.dtype, name="stem")(x, ctx)
+    x = QuantConv(32, (3, 3), (2, 2), padding=[(1, 1), (1, 1)], quant=edge_quant, dtype=self.dtype, conv_impl=self.conv_impl, name="stem")(x, ctx)
     x = nn.relu6(batch_norm(train, "stem_bn", self.dtype)(x))
     for stage, (t, c, n, s) in enumerate(INVERTED_RESIDUALS):
       for i in range(n):
-        x = InvertedResidual(c, s if i == 0 else 1, t, self.quant, self.dtype, name=f"block{stage}_{i}")(x, train, ctx)
-    x = QuantConv(1280, (1, 1), quant=self.quant, dtype=self.dtype, name="head")(x, ctx)
+        x = InvertedResidual(c, s if i == 0 else 1, t, self.quant, self.dtype, conv_impl=self.conv_impl, name=f"block{stage}_{i}")(x, train, ctx)
+    x = QuantConv(1280, (1, 1), quant=self.quant, dtype=self.dtype, conv_impl=self.conv_impl, name="head")(x, ctx)
     x = nn.relu6(batch_norm(train, "head_bn", self.dtype)(x))
     x = jnp.mean(x, axis=(1, 2))
     return QuantDense(self.num_classes, quant=edge_quant, dtype=self.dtype, name="fc")(x, ctx).astype(jnp.float32)

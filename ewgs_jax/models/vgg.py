@@ -24,6 +24,7 @@ class VGG(nn.Module):
   num_classes: int = 10
   quant: QuantConfig | None = None
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"   # ops.IMPLS, passed to every QuantConv
 
   @nn.compact
   def __call__(self, x, train: bool = False, ctx: QuantContext | None = None):
@@ -36,7 +37,7 @@ class VGG(nn.Module):
           x = nn.max_pool(x, (2, 2), (2, 2))
         continue
       quant = edge_quant if index == 0 else self.quant
-      x = QuantConv(item, (3, 3), padding=[(1, 1), (1, 1)], quant=quant, dtype=self.dtype, name=f"conv{index}")(x, ctx)
+      x = QuantConv(item, (3, 3), padding=[(1, 1), (1, 1)], quant=quant, dtype=self.dtype, conv_impl=self.conv_impl, name=f"conv{index}")(x, ctx)
       x = nn.relu(batch_norm(train, f"bn{index}", self.dtype)(x))
       index += 1
     x = jnp.mean(x, axis=(1, 2))
