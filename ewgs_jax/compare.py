@@ -37,7 +37,7 @@ from ewgs_jax import names, reporting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_PY = os.path.join(ROOT, "train.py")
-CONFIG_DIR = os.path.join(ROOT, "configs")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")   # ewgs_jax/configs
 BASE_RULES = ("ste", "ewgs", "pege")
 
 
