@@ -18,6 +18,7 @@ from ewgs_jax.estimators import MAX_BITS, MIN_BITS, PEGE_MU_SCALES
 from ewgs_jax.hessian import HESSIAN_MODES, HVP_METHODS
 from ewgs_jax.hostmem import MODES as HOST_ALLOCATORS
 from ewgs_jax.ops import IMPLS as CONV_IMPLS
+from ewgs_jax.quantconfig import FACTOR_TARGETS
 from ewgs_jax.replacement import GRANULARITIES
 from ewgs_jax.schedules import DELTA_MODES, MU_SCHEDULES, RATE_SCHEDULES
 
@@ -87,6 +88,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.pege.mu_kwargs = ml_collections.ConfigDict({"mu_max": PEGE_MU_MAX})
   c.pege.mu_ramp = 0.1
   c.pege.mu_scale = "gradient"
+  c.pege.mu_on = "both"         # quantizers that get the mu term: both (PEGE Eq. 5: weights/activations) | weights | activations
   c.pege.granularity = "element"
   c.pege.rng_impl = "threefry2x32"  # PRNG of the replacement masks: threefry2x32 | rbg | unsafe_rbg (cheaper)
   # Optimisers (EWGS Sec. 4.1): network weights and quantizer parameters separately.
@@ -247,6 +249,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice("pege.granularity", config.pege.granularity, GRANULARITIES)
   _choice("pege.mu_scale", config.pege.mu_scale, sorted(PEGE_MU_SCALES))
   _choice("pege.rng_impl", config.pege.rng_impl, RNG_IMPLS)
+  _choice("pege.mu_on", config.pege.mu_on, FACTOR_TARGETS)
   _choice("matmul_precision", config.matmul_precision, MATMUL_PRECISIONS)
   for name in ("rate_ramp", "mu_ramp"):
     if not 0.0 <= config.pege[name] <= 1.0:

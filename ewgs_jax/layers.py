@@ -83,7 +83,7 @@ class _Quantized(nn.Module):
     if rule.source == "quant_state":
       value = delta
     elif rule.source == "context":
-      value = 0.0 if ctx is None else ctx.factor(rule.factor)
+      value = 0.0 if ctx is None or not self.quant.factor_applies(kind) else ctx.factor(rule.factor)
     return self.quant.discretizer(spec, value)
 
   def _hook(self, spec: QuantizerSpec, kind: str, ctx: QuantContext | None):

@@ -14,6 +14,7 @@ import re
 
 from ewgs_jax import estimators, quantizers, replacement
 
+FACTOR_TARGETS = ("both", "weights", "activations")
 OVERRIDE_KEYS = ("enabled", "bits", "weight_bits", "act_bits", "method", "weight_method", "act_method",
                  "backward")
 
@@ -71,6 +72,7 @@ class QuantConfig:
   enabled: bool = True
   pege_mu_scale: str = "gradient"   # estimators.PEGE_MU_SCALES: 'gradient' (mu in 3 sigma(g) units) | 'absolute'
   rule_variants: tuple = ()         # ((rule name, variant name), ...): BackwardRule.variants to use
+  context_factor_on: str = "both"   # quantizers whose per-step factor (PEGE mu) is applied: both | weights | activations
 
   def __post_init__(self):
     frozen = []
@@ -85,6 +87,8 @@ class QuantConfig:
     replacement.check_granularity(self.replacement_granularity)
     if self.pege_mu_scale not in estimators.PEGE_MU_SCALES:
       raise ValueError(f"unknown pege_mu_scale {self.pege_mu_scale!r}; valid: {sorted(estimators.PEGE_MU_SCALES)}")
+    if self.context_factor_on not in FACTOR_TARGETS:
+      raise ValueError(f"unknown context_factor_on {self.context_factor_on!r}; valid: {list(FACTOR_TARGETS)}")
     variants = dict(self.rule_variants)
     variants.setdefault("pege", self.pege_mu_scale)   # the PEGE rule's variants are its mu scales
     for rule, variant in variants.items():
@@ -92,6 +96,11 @@ class QuantConfig:
     object.__setattr__(self, "rule_variants", tuple(sorted(variants.items())))
     for _, overrides in self.rules:  # validates the override values now, not at the first call
       _apply_overrides(self.weight, self.act, dict(overrides))
+
+  def factor_applies(self, kind: str) -> bool:
+    """Whether the per-step factor of a ``context`` rule (PEGE's mu) reaches quantizer ``kind``
+    (``"w"`` weights, ``"a"`` activations); elsewhere the factor is 0."""
+    return self.context_factor_on == "both" or self.context_factor_on == {"w": "weights", "a": "activations"}[kind]
 
   def resolve(self, path: str) -> LayerQuant:
     """The setting of the layer at ``path`` after every matching rule."""

@@ -89,7 +89,8 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
         act=layers.QuantizerSpec(method=q.act_method, backward=q.backward, bits=q.act_bits),
         quantize_first_last=q.quantize_first_last,
         rules=tuple((pattern, dict(overrides)) for pattern, overrides in q.rules),
-        replacement_granularity=config.pege.granularity, pege_mu_scale=config.pege.mu_scale)
+        replacement_granularity=config.pege.granularity, pege_mu_scale=config.pege.mu_scale,
+        context_factor_on=config.pege.mu_on)
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
   return models.get_model(config.model, num_classes=num_classes, quant=quant, dtype=dtype,
                           conv_impl=config.conv_impl, **config.model_kwargs.to_dict())

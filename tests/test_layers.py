@@ -294,3 +294,28 @@ def test_a_user_registered_rule_runs_in_the_layers(images):
     np.testing.assert_allclose(grads["fc"]["kernel"], 2.0 * ste_grads["fc"]["kernel"], rtol=1e-5, atol=1e-6)
   finally:
     estimators.RULES.pop(rule.name)
+
+
+@pytest.mark.parametrize("target", ["weights", "activations"])
+def test_mu_reaches_only_the_quantizers_it_is_configured_for(images, target):
+  """pege.mu_on: the mu term of PEGE Eq. 5 on weights only or activations only (the other side: STE)."""
+  spec = QuantizerSpec("interval", "pege", 2)
+  layer = QuantConv(4, (3, 3), quant=QuantConfig(weight=spec, act=spec, context_factor_on=target))
+  both = QuantConv(4, (3, 3), quant=QuantConfig(weight=spec, act=spec))
+  v = both.init(jax.random.key(0), images)
+
+  def grads(module, mu):
+    f = lambda p, x: jnp.sum(module.apply({**v, "params": p}, x, ctx=QuantContext(mu=jnp.float32(mu))) ** 2)
+    return jax.grad(f, argnums=(0, 1))(v["params"], images)
+
+  (p0, x0), (p_one, x_one), (p_both, x_both) = grads(layer, 0.0), grads(layer, 3.0), grads(both, 3.0)
+  if target == "weights":   # kernel gradient as with mu on both; input gradient as with mu = 0
+    np.testing.assert_allclose(p_one["kernel"], p_both["kernel"], rtol=1e-5)
+    np.testing.assert_array_equal(x_one, x0)
+    assert not np.allclose(p_one["kernel"], p0["kernel"])
+  else:
+    np.testing.assert_array_equal(p_one["kernel"], p0["kernel"])
+    np.testing.assert_allclose(x_one, x_both, rtol=1e-5)
+    assert not np.allclose(x_one, x0)
+  with pytest.raises(ValueError, match="unknown context_factor_on 'bias'"):
+    QuantConfig(context_factor_on="bias")
