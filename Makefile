@@ -1,10 +1,11 @@
 # `make test` and `make train` each create .venv (if needed), install the package into it, and run.
+# The test extra holds everything both need (the data, demo and plots extras, pytest).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-all train compare clean
+.PHONY: install test test-all train compare clean test-oldest test-newest
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +26,9 @@ test-all: $(STAMP)
 # digits, then W2A2 STE / EWGS / PEGE runs warm-started from it, and a table of test accuracies.
 QUICK := runs/quickstart
 train: $(STAMP)
-	$(PY) train.py --config configs/quickstart.py:fp --workdir $(QUICK)/fp
+	$(VENV)/bin/ewgs-jax-train --config quickstart:fp --workdir $(QUICK)/fp
 	for v in w2a2_ste w2a2_ewgs w2a2_pege; do \
-	  $(PY) train.py --config configs/quickstart.py:$$v --config.init_from=$(QUICK)/fp --workdir $(QUICK)/$$v || exit 1; \
+	  $(VENV)/bin/ewgs-jax-train --config quickstart:$$v --config.init_from=$(QUICK)/fp --workdir $(QUICK)/$$v || exit 1; \
 	done
 	$(PY) -m ewgs_jax.reporting table $(QUICK)/fp $(QUICK)/w2a2_ste $(QUICK)/w2a2_ewgs $(QUICK)/w2a2_pege
 
@@ -36,5 +37,32 @@ train: $(STAMP)
 compare: $(STAMP)
 	$(PY) -m ewgs_jax.compare --preset cpu --workdir runs/compare
 
+# CI's two legs (.ci/run runs both; each builds its own venv from scratch):
+#   test-oldest  the oldest supported stack: Python 3.11 with every dependency at its declared floor
+#                (pyproject.toml's ">=" pinned to "==" by .ci/floors.py)
+#   test-newest  the newest: Python 3.12 with the newest releases that resolve (jax, flax, ...)
+# Give each its interpreter, e.g. `make test-newest PYTHON_NEWEST=python3.12`.
+PYTHON_OLDEST ?= python3.11
+PYTHON_NEWEST ?= python3.12
+LEG_TESTS := -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+
+test-oldest:
+	rm -rf .venv-oldest
+	$(PYTHON_OLDEST) -m venv .venv-oldest
+	.venv-oldest/bin/python -m pip install --quiet --upgrade pip
+	.venv-oldest/bin/python .ci/floors.py > .venv-oldest/floors.txt
+	.venv-oldest/bin/python -m pip install --quiet -c .venv-oldest/floors.txt -e '.[test]'
+	.venv-oldest/bin/python -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|flax|optax|chex|orbax-checkpoint|numpy) '
+	.venv-oldest/bin/python $(LEG_TESTS)
+
+test-newest:
+	rm -rf .venv-newest
+	$(PYTHON_NEWEST) -m venv .venv-newest
+	.venv-newest/bin/python -m pip install --quiet --upgrade pip
+	.venv-newest/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[test]'
+	.venv-newest/bin/python -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|flax|optax|chex|orbax-checkpoint|numpy) '
+	.venv-newest/bin/python $(LEG_TESTS)
+	.venv-newest/bin/python -m pytest -q -m slow tests/test_packaging.py   # the wheel: configs, script, LICENSE
+
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) .venv-oldest .venv-newest *.egg-info

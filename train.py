@@ -1,85 +1,10 @@
-"""Trains (and evaluates) a quantized network: ``python train.py --config CONFIG[:VARIANT] --workdir DIR``.
+"""``python train.py ...`` in a checkout: the same command as ``ewgs-jax-train`` / ``python -m ewgs_jax.train``.
 
-Use the project's environment (``make install`` creates ``.venv``): ``.venv/bin/python train.py ...``.
-Any config key can be overridden on the command line, e.g. ``--config.quant.backward=pege``;
-``python train.py --config_keys`` lists every key with its default and meaning.
-Re-running the same command resumes from the latest checkpoint in ``--workdir``.
-
-Exit status: 0 the run finished; 1 an error (one message, no traceback; ``--verbose`` shows it);
-2 a bad command line or config key; 75 stopped early by SIGTERM or Ctrl-C after saving a
-checkpoint (re-run the same command to resume); 130 aborted by a second Ctrl-C.
+See :mod:`ewgs_jax.train` for the flags and exit codes (0 finished, 1 an error, 2 a bad command line,
+75 stopped early by SIGTERM / Ctrl-C with a checkpoint saved, 130 aborted by a second Ctrl-C).
 """
 
-import sys
-
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-from ewgs_jax import checkpoints, config as config_lib, hostmem, training
-
-EXIT_ERROR, EXIT_USAGE, EXIT_STOPPED_EARLY, EXIT_ABORTED = 1, 2, 75, 130
-# Failures a user causes and fixes (bad value, missing data, busy workdir, divergence, full disk):
-# one message, not a traceback.
-EXPECTED_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, checkpoints.WorkdirBusyError,
-                   checkpoints.CheckpointSaveError, OSError)
-
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file, optionally 'path.py:variant'.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
-flags.DEFINE_bool("verbose", False, "Log library INFO messages (orbax, ...) and show tracebacks of errors.")
-flags.DEFINE_bool("config_keys", False, "List every config key with its default and meaning, and exit.")
-
-
-def _fail(message: str, code: int):
-  sys.stderr.write(f"error: {message}\n")
-  sys.exit(code)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with the config keys listed on request and a bad override as one message."""
-  if "--config_keys" in argv:
-    print(config_lib.describe())
-    sys.exit(0)
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    message = str(e)
-    if "Traceback" in message:   # a config file that raised: its last line says why
-      message = "--config: " + [l for l in message.splitlines() if l.strip()][-1]
-    _fail(f"{message}\n(see python train.py --help; config keys: python train.py --config_keys)", EXIT_USAGE)
-  except (AttributeError, KeyError, TypeError, ValueError) as e:   # raised by ml_collections overrides
-    known = set(config_lib.known_keys())
-    given = [a.split("=", 1)[0][len("--config."):] for a in argv if a.startswith("--config.")]
-    unknown = [k for k in given if k not in known and not any(k.startswith(f"{free}.") or f".{free}." in k
-                                                               for free in ("model_kwargs", "rate_kwargs", "mu_kwargs"))]
-    if unknown:
-      _fail(config_lib.unknown_key_message(unknown), EXIT_USAGE)
-    _fail(f"bad config ({type(e).__name__}: {e})", EXIT_USAGE)
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if FLAGS.config is None or FLAGS.workdir is None:
-    _fail("--config and --workdir are required (python train.py --help)", EXIT_USAGE)
-  logging.set_verbosity(logging.INFO if FLAGS.verbose else logging.WARNING)
-  # Before anything starts the JAX backend: the allocator settings only reach threads created later,
-  # and XLA reads its flags once.
-  if FLAGS.config.deterministic:
-    training.enable_deterministic_ops()
-  if hostmem.tune(FLAGS.config.host_allocator):
-    logging.info("host allocator tuned for XLA:CPU (ewgs_jax.hostmem)")
-  try:
-    summary = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except EXPECTED_ERRORS as e:
-    if FLAGS.verbose:
-      raise
-    _fail(str(e), EXIT_ERROR)
-  except KeyboardInterrupt:
-    _fail("aborted (second Ctrl-C); the last saved checkpoint is kept", EXIT_ABORTED)
-  if summary.get("preempted"):
-    sys.exit(EXIT_STOPPED_EARLY)
-
+from ewgs_jax.train import run
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  run()

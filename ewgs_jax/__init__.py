@@ -14,8 +14,17 @@ from ewgs_jax import schedules
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):   # the Flax parts load on first use: `import ewgs_jax` stays free of Flax
+  if name in ("quantize", "quantizing", "QuantizedModel"):
+    from ewgs_jax import interception
+    return getattr(interception, name)
+  raise AttributeError(f"module 'ewgs_jax' has no attribute {name!r}")
+
+
 __all__ = [
     "Discretizer",
+    "QuantizedModel",
     "clip",
     "dorefa",
     "ewgs",
@@ -25,7 +34,9 @@ __all__ = [
     "pact",
     "pege",
     "pege_relative",
+    "quantize",
     "quantizer_key",
+    "quantizing",
     "replace",
     "replacement_mask",
     "round_to_grid",

@@ -3,9 +3,10 @@
 A checkpoint holds the whole ``TrainState`` pytree (``state``) plus a JSON ``extra`` dict (the data
 iterator's position, history). Retention keeps the latest ``max_to_keep`` steps *and* the best
 step by test accuracy. Saving is asynchronous; :meth:`CheckpointKeeper.wait_until_finished` is
-called before exiting. SIGTERM (preemption) sets a flag that the training loop polls, so it can
-save and exit cleanly; orbax's own multi-host preemption sync is polled too. The first Ctrl-C
-(SIGINT) does the same; a second one aborts at once.
+called before exiting. In one process SIGTERM (preemption) sets a flag that the training loop polls,
+so it can save and exit cleanly; the first Ctrl-C (SIGINT) does the same; a second one aborts at once.
+With several processes SIGTERM is left to JAX's preemption service, which orbax's
+``reached_preemption`` polls, so that every process stops at the same step.
 
 A workdir is held by one process at a time (:class:`WorkdirLock`). A warm-start source is copied
 into the run (``warm_start.npz``), so that a run resumes without its ``init_from``. A latest
@@ -53,21 +54,50 @@ def _on_sigint(signum, frame):
   log.warning("Ctrl-C: will save a checkpoint and stop after the current step (press again to abort)")
 
 
+_INSTALLED: dict[int, Any] = {}   # signal -> the handler it had before ours
+
+
+def leaves_signals_to_jax() -> bool:
+  """True when several processes run (``jax.distributed``): SIGTERM belongs to JAX's preemption service.
+
+  ``jax.distributed.initialize`` starts a preemption notifier that catches SIGTERM and agrees with
+  every process on one step to stop at (``multihost_utils.reached_preemption_sync_point``, which
+  orbax's ``CheckpointManager.reached_preemption`` polls). A Python handler would replace it: the
+  service would never hear of the signal, and each process would stop on its own flag at its own
+  step, leaving the others waiting in a collective. A handler installed outside Python (which
+  ``signal.getsignal`` reports as ``None``) is left alone for the same reason.
+  """
+  distributed = getattr(jax.distributed, "is_initialized", lambda: False)()
+  return distributed or jax.process_count() > 1 or signal.getsignal(signal.SIGTERM) is None
+
+
 def install_preemption_handler() -> None:
-  """Routes SIGTERM and the first SIGINT to :func:`preemption_requested` (main thread only)."""
+  """Routes SIGTERM and the first SIGINT to :func:`preemption_requested` (main thread, one process).
+
+  With several processes both are left as they are: SIGTERM to JAX's preemption service (the
+  training loop polls :meth:`CheckpointKeeper.reached_preemption`, so every process saves the same
+  step and stops), SIGINT to Python's default (Ctrl-C aborts; a flag set on one host alone would
+  stop it at a step the others do not stop at).
+  """
   global _PREEMPTED
   _PREEMPTED = False
+  if leaves_signals_to_jax():
+    log.info("several processes: SIGTERM is left to JAX's preemption service")
+    return
   try:
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    signal.signal(signal.SIGINT, _on_sigint)
+    for signum, handler in ((signal.SIGTERM, _on_sigterm), (signal.SIGINT, _on_sigint)):
+      _INSTALLED.setdefault(signum, signal.getsignal(signum))
+      signal.signal(signum, handler)
   except ValueError:   # not the main thread
     pass
 
 
 def uninstall_preemption_handler() -> None:
+  """Restores the handlers :func:`install_preemption_handler` replaced (nothing if it left them)."""
   try:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    while _INSTALLED:
+      signum, previous = _INSTALLED.popitem()
+      signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
   except ValueError:
     pass
 

@@ -2,7 +2,7 @@
 
 ``python -m ewgs_jax.compare --preset cpu --workdir runs/compare`` trains one full-precision model,
 then one W{b}A{b} QAT run per rule and seed, each warm-started from it, every run through
-``train.py`` in its own workdir (so an interrupted comparison resumes where it stopped: finished
+the training command line (``python -m ewgs_jax.train``, i.e. ``ewgs-jax-train``) in its own workdir (so an interrupted comparison resumes where it stopped: finished
 runs are skipped, unfinished ones resume from their checkpoints). It then writes, in ``--workdir``:
 
 * ``results.md``: per-seed accuracies, mean +- sd per rule, and each rule against the baseline
@@ -33,10 +33,13 @@ import subprocess
 import sys
 import time
 
-from ewgs_jax import names, reporting
+from ewgs_jax import extras, names, reporting
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN_PY = os.path.join(ROOT, "train.py")
+# Every run goes through the training command line as a module of this very package, so that compare
+# works from an installed wheel as from a checkout (the child is given this package's parent directory
+# on PYTHONPATH, so it imports the same ewgs_jax as the parent).
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_COMMAND = (sys.executable, "-m", "ewgs_jax.train")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")   # ewgs_jax/configs
 BASE_RULES = ("ste", "ewgs", "pege")
 
@@ -121,7 +124,7 @@ class Run:
 
   def command(self) -> list[str]:
     flags = [f"--config.{k}={_flag_value(v)}" for k, v in self.overrides.items()]
-    return [sys.executable, TRAIN_PY, "--config", self.config, "--workdir", self.workdir, *flags]
+    return [*TRAIN_COMMAND, "--config", self.config, "--workdir", self.workdir, *flags]
 
   def summary(self) -> dict | None:
     path = os.path.join(self.workdir, "summary.json")
@@ -189,7 +192,7 @@ def _differences(run: Run, summary: dict) -> list[str]:
 
 
 def execute(run: Run, log_dir: str, env: dict) -> dict:
-  """Runs ``run`` through train.py unless it has finished; returns its summary."""
+  """Runs ``run`` through the training command line unless it has finished; returns its summary."""
   done = run.summary()
   if done is not None:
     differences = _differences(run, done)
@@ -203,7 +206,7 @@ def execute(run: Run, log_dir: str, env: dict) -> dict:
   print(f"[compare] {run.name}: training in {run.workdir} (log {log_path})", flush=True)
   start = time.time()
   with open(log_path, "a") as log:
-    code = subprocess.call(run.command(), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    code = subprocess.call(run.command(), stdout=log, stderr=subprocess.STDOUT, env=env)
   summary = run.summary()
   if code == 75:   # train.py: stopped early (SIGTERM / Ctrl-C) after saving; the run is resumable
     raise RuntimeError(f"run {run.name!r} stopped early (exit 75) with a checkpoint saved; re-run to resume")
@@ -301,9 +304,7 @@ def write_results(args, fp_summary: dict, summaries: dict[str, list[dict]], runs
 
 def plot_all(args, runs) -> list[str]:
   """``curves_<rule>.png`` per rule and ``traces.png``; returns the paths written."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = extras.pyplot()
   by_rule: dict[str, list] = {}
   for rule, seed, run in runs:
     by_rule.setdefault(rule.label, []).append((seed, run))
@@ -397,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
   os.makedirs(args.workdir, exist_ok=True)
   fp, runs = plan(args)
   env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
   if args.jobs > 1:
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / args.jobs:.3f}")
   log_dir = os.path.join(args.workdir, "logs")
@@ -420,5 +422,10 @@ def main(argv: list[str] | None = None) -> int:
   return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The ``ewgs-jax-compare`` console script."""
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()

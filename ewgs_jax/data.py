@@ -42,6 +42,8 @@ from typing import Iterator
 import jax
 import numpy as np
 
+from ewgs_jax import extras   # optional dependencies, each named with its extra
+
 BUNDLED = ("digits",)
 IDX_DATASETS = ("mnist", "fashion_mnist")
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -218,8 +220,8 @@ def _npz_arrays(path: str) -> dict[str, np.ndarray]:
 
 @functools.lru_cache(maxsize=None)
 def _digits() -> tuple[np.ndarray, np.ndarray]:
-  from sklearn.datasets import load_digits  # ships the data inside the installed package
-  digits = load_digits()
+  datasets = extras.require("sklearn.datasets", "the bundled digits dataset (the offline quickstart)")
+  digits = datasets.load_digits()   # ships the data inside the installed package
   images = (digits.images[..., None] / 16.0).astype(np.float32)
   return images, digits.target
 
@@ -235,11 +237,16 @@ def digits_source(split: str) -> ArraySource:
   raise ValueError(f"unknown split {split!r} for digits; valid: ['train', 'test']")
 
 
+def _tfds(name: str):
+  """``tensorflow_datasets`` (extra ``data``), for dataset ``name``."""
+  return extras.require("tensorflow_datasets", f"dataset {name!r} (read through tensorflow-datasets)")
+
+
 class TfdsSource:
   """A prepared tfds split read through ``tfds.data_source`` (random access, no TensorFlow)."""
 
   def __init__(self, name: str, split: str, data_dir: str | None = None):
-    import tensorflow_datasets as tfds
+    tfds = _tfds(name)
     try:
       self.source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception:
@@ -264,7 +271,7 @@ def _prepare(name: str, data_dir: str | None) -> bool:
 
   Returns False if the dataset was already prepared (the caller's error was something else).
   """
-  import tensorflow_datasets as tfds
+  tfds = _tfds(name)
   builder = tfds.builder(name, data_dir=data_dir)
   if builder.is_prepared():
     return False
@@ -337,7 +344,7 @@ def get_dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
     return DatasetInfo(name, classes, tuple(arrays["x_train"].shape[1:]), *_channel_stats(arrays["x_train"]))
   if name in IDX_DATASETS and idx_directory(name, data_dir) is not None:
     return DatasetInfo(name, 10, (28, 28, 1), *MEAN_STD[name])
-  import tensorflow_datasets as tfds
+  tfds = _tfds(name)
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # tfds raises DatasetNotFoundError with its own listing
@@ -373,7 +380,7 @@ def crop_and_flip(batch: np.ndarray, rng: np.random.Generator, pad: int, flip: b
 
 def _imagenet_train(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   """Random resized crop to 224 (scale 0.08-1, ratio 3/4-4/3, torchvision defaults) + flip."""
-  from PIL import Image
+  Image = extras.require("PIL.Image", "ImageNet's image transforms")
   h, w = image.shape[:2]
   for _ in range(10):
     area = h * w * rng.uniform(0.08, 1.0)
@@ -392,7 +399,7 @@ def _imagenet_train(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def _imagenet_eval(image: np.ndarray) -> np.ndarray:
   """Resize the shorter side to 256, centre crop 224."""
-  from PIL import Image
+  Image = extras.require("PIL.Image", "ImageNet's image transforms")
   h, w = image.shape[:2]
   scale = IMAGENET_RESIZE / min(h, w)
   resized = np.asarray(Image.fromarray(image).resize((round(w * scale), round(h * scale)), Image.BILINEAR))

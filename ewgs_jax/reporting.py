@@ -16,7 +16,7 @@ from typing import Any
 
 import jax
 
-from ewgs_jax import names   # plain constants, imports no project module
+from ewgs_jax import extras, names   # plain constants and lazy imports, import no project module
 
 # --- TensorBoard event files, written directly --------------------------------------------------
 # An event file is a TFRecord stream of serialised ``Event`` protos. We encode the few fields we
@@ -296,9 +296,7 @@ def write_plots(workdir: str, delta_history: list[dict], title: str | None = Non
 
 def plot_curves(metrics_path: str, out_png: str, title: str | None = None) -> None:
   """Loss and accuracy against the training step, train and test."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = extras.pyplot()
   records = read_metrics(metrics_path)
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
   for ax, key in zip(axes, ("loss", "accuracy")):
@@ -322,9 +320,7 @@ def plot_deltas(history: list[dict], out_png: str, title: str | None = None) -> 
 
   ``history``: ``[{"step", "epoch", "quantizers": {layer: {"delta_w", "delta_a", ...}}}, ...]``.
   """
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = extras.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
   layers = sorted({layer for h in history for layer in h["quantizers"]})
   for ax, key, side in zip(axes, names.DELTA_NAMES, ("weights", "activations")):

@@ -319,3 +319,68 @@ def test_mu_reaches_only_the_quantizers_it_is_configured_for(images, target):
     assert not np.allclose(x_one, x0)
   with pytest.raises(ValueError, match="unknown context_factor_on 'bias'"):
     QuantConfig(context_factor_on="bias")
+
+
+# --- drop-in for nn.Conv / nn.Dense, and initialisation from a placeholder batch ----------------
+
+CONV_CASES = [
+    (dict(kernel_size=3), (2, 9, 3)),                                    # an int kernel: 1-D
+    (dict(kernel_size=(3,), strides=2, padding=1), (9, 3)),              # unbatched, int stride and padding
+    (dict(kernel_size=(3, 3), kernel_dilation=2, use_bias=True), (2, 7, 7, 3)),
+    (dict(kernel_size=(2, 3), strides=(2, 1), input_dilation=(1, 2), padding=((1, 0), (2, 2))), (2, 6, 5, 3)),
+    (dict(kernel_size=(3, 3), feature_group_count=3, padding="VALID", param_dtype=jnp.float32), (2, 5, 5, 3)),
+    (dict(kernel_size=(2, 2, 2), use_bias=True, bias_init=nn.initializers.ones), (1, 4, 4, 4, 3)),
+    (dict(kernel_size=(3, 3)), (2, 2, 5, 5, 3)),                          # extra leading batch dims
+]
+
+
+@pytest.mark.parametrize("kwargs, shape", CONV_CASES)
+def test_quant_conv_takes_nn_conv_arguments_and_computes_the_same(kwargs, shape):
+  x = jax.random.normal(jax.random.key(3), shape)
+  reference = nn.Conv(6, **kwargs)
+  variables = reference.init(jax.random.key(4), x)
+  ours = QuantConv(6, **{"use_bias": True, **kwargs}, dtype=None)   # nn.Conv's bias default (ours: none)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(4), x)) == jax.tree.map(jnp.shape, variables)
+  np.testing.assert_allclose(ours.apply(variables, x), reference.apply(variables, x), rtol=1e-5, atol=1e-5)
+  quantized = QuantConv(6, **kwargs, quant=W2A2_EWGS)
+  y = quantized.apply(quantized.init(jax.random.key(4), x), x)
+  assert y.shape == reference.apply(variables, x).shape and bool(jnp.all(jnp.isfinite(y)))
+
+
+def test_quant_conv_mask_and_dense_arguments():
+  x = jax.random.normal(jax.random.key(3), (2, 5, 5, 3))
+  mask = jnp.zeros((3, 3, 3, 4)).at[1, 1].set(1.0)
+  v = nn.Conv(4, (3, 3), mask=mask).init(jax.random.key(0), x)
+  np.testing.assert_allclose(QuantConv(4, (3, 3), mask=mask, use_bias=True).apply(v, x),
+                             nn.Conv(4, (3, 3), mask=mask).apply(v, x), rtol=1e-5, atol=1e-6)
+  h = jax.random.normal(jax.random.key(5), (2, 3, 7))
+  dense = dict(precision=jax.lax.Precision.HIGHEST, bias_init=nn.initializers.ones, param_dtype=jnp.float32)
+  v = nn.Dense(5, **dense).init(jax.random.key(0), h)
+  np.testing.assert_allclose(QuantDense(5, **dense).apply(v, h), nn.Dense(5, **dense).apply(v, h), rtol=1e-5, atol=1e-6)
+
+
+def test_every_nn_conv_and_dense_argument_is_accepted_or_named_when_unsupported():
+  import dataclasses
+  for theirs, ours in ((nn.Conv, QuantConv), (nn.Dense, QuantDense)):
+    missing = {f.name for f in dataclasses.fields(theirs)} - {f.name for f in dataclasses.fields(ours)}
+    assert not missing, (ours.__name__, missing)
+  x = jnp.ones((1, 5, 5, 2))
+  for kwargs, named in ((dict(padding="CIRCULAR"), "padding"), (dict(conv_general_dilated=jax.lax.conv_general_dilated),
+                                                                 "conv_general_dilated")):
+    with pytest.raises(NotImplementedError, match=f"QuantConv does not support {named}"):
+      QuantConv(3, (3, 3), **kwargs).init(jax.random.key(0), x)
+  with pytest.raises(NotImplementedError, match="QuantDense does not support dot_general"):
+    QuantDense(3, dot_general=jax.lax.dot_general).init(jax.random.key(0), jnp.ones((1, 2)))
+
+
+@pytest.mark.parametrize("placeholder", [jnp.zeros, jnp.ones])
+def test_initialising_from_a_placeholder_batch_fails_loudly(placeholder):
+  model = TwoConvs(W2A2_EWGS)
+  with pytest.raises(ValueError, match=r"'conv_a'.*activation quantizer.*representative batch"):
+    model.init(jax.random.key(0), placeholder((2, 6, 6, 2)))
+  shapes = jax.eval_shape(model.init, jax.random.key(0), placeholder((2, 6, 6, 2)))   # shapes only: fine
+  assert shapes["params"]["conv_a"]["q_a_upper"].shape == ()
+  with pytest.raises(ValueError, match="weight quantizer.*kernel holds the constant 0"):
+    QuantDense(3, quant=W2A2_EWGS, kernel_init=nn.initializers.zeros).init(
+        jax.random.key(0), jax.random.normal(jax.random.key(1), (4, 5)))
+  TwoConvs(None).init(jax.random.key(0), placeholder((2, 6, 6, 2)))     # nothing data-driven: fine

@@ -39,3 +39,19 @@ def test_readme_user_rule_example_runs_and_trains_in_a_layer():
     assert np.all(np.isfinite(np.asarray(g["kernel"])))
   finally:
     estimators.RULES.pop("damped", None)
+
+
+def test_readme_quantize_and_nnx_examples_run():
+  import jax.numpy as jnp
+  blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+  quantize_block = next(b for b in blocks if "ej.quantize(" in b)
+  nnx_block = next(b for b in blocks if "nnx.bridge.ToNNX" in b)
+  namespace = {}
+  exec(compile(quantize_block, "README.md", "exec"), namespace)
+  logits = np.asarray(namespace["logits"])
+  assert logits.shape == (8, 10) and np.isfinite(logits).all()
+  assert "q_a_lower" in namespace["variables"]["params"]["Conv_0"]
+  assert "q_a_lower" not in namespace["variables"]["params"]["Dense_0"]      # the rule kept it full precision
+  exec(compile(nnx_block, "README.md", "exec"), namespace)
+  grads = namespace["grads"]
+  assert float(jnp.abs(dict(grads["conv"].flat_state())[("q_a_upper",)].value)) > 0

@@ -90,3 +90,58 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   keeper = checkpoints.CheckpointKeeper(str(workdir))
   assert keeper.latest_step() == summary["train_steps"]
   keeper.close()
+
+
+# Two processes polling JAX's preemption sync point at every step, as the training loop does through
+# CheckpointKeeper.reached_preemption; SIGTERM goes to one of them only.
+PREEMPTION_WORKER = """
+import json, signal, sys, time
+import jax
+from jax.experimental import multihost_utils
+from ewgs_jax import checkpoints
+jax.distributed.initialize(coordinator_address="localhost:" + sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+checkpoints.install_preemption_handler()
+print(json.dumps({"python_handler": signal.getsignal(signal.SIGTERM) is checkpoints._on_sigterm}), flush=True)
+step = 0
+while step < 3000:
+  step += 1
+  time.sleep(0.02)
+  if checkpoints.preemption_requested() or multihost_utils.reached_preemption_sync_point(step):
+    break
+checkpoints.uninstall_preemption_handler()
+print(json.dumps({"stopped_at": step, "own_flag": checkpoints.preemption_requested()}), flush=True)
+"""
+
+
+def test_sigterm_to_one_of_several_processes_stops_all_at_the_same_step():
+  port = str(free_port())
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+  procs = [subprocess.Popen([sys.executable, "-c", PREEMPTION_WORKER, port, str(i)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    ready = [json.loads(p.stdout.readline() or "null") for p in procs]
+    assert ready == [{"python_handler": False}] * 2, procs[0].stderr.read()[-3000:] if ready[0] is None else ready
+    time.sleep(1.0)
+    procs[0].send_signal(signal.SIGTERM)      # one host is preempted
+    results = [p.communicate(timeout=120) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, (_, err) in zip(procs, results):
+    assert p.returncode == 0, err[-3000:]
+  stops = [json.loads(out.strip().splitlines()[-1]) for out, _ in results]
+  # JAX's service heard the signal (no Python handler took it) and both stopped at one agreed step,
+  # long before the end of the loop; with a per-process flag the other process would run to step 3000.
+  assert stops[0]["stopped_at"] == stops[1]["stopped_at"] < 3000
+  assert not stops[0]["own_flag"] and not stops[1]["own_flag"]
+
+
+def test_one_process_keeps_its_own_sigterm_handler():
+  code = ("import signal; from ewgs_jax import checkpoints; checkpoints.install_preemption_handler();"
+          "assert signal.getsignal(signal.SIGTERM) is checkpoints._on_sigterm;"
+          "checkpoints.uninstall_preemption_handler(); assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL;"
+          "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler; print('ok')")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)})
+  assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
