@@ -16,8 +16,9 @@ Sources are random-access:
 A :class:`Split` can hold out a fixed part of the training split as a validation set (so that
 defaults are tuned without touching the test split) and limit training to a subset.
 
-Loader (our own rather than grain's per-record transforms, which ran at ~1k images/s on 2 cores
-against ~11k for batch-level numpy, DESIGN.md "Measured facts"):
+Loader (our own rather than grain's per-record transforms, which were an order of magnitude
+slower than batch-level numpy on a small CPU machine; figures: ``benchmarks/README.md``, section
+"Figures cited by module docstrings", ``data``):
 
 * An epoch is a seeded permutation of the training split; batch ``s`` of epoch ``e`` is a pure
   function of ``(seed, e, s)``, so the iterator's state is just ``{"epoch", "step"}`` and resuming

@@ -29,9 +29,10 @@ stops after two samples whenever the trace is negative). Several batches are ave
 reference does: ``delta = max(0, mean_batches((Tr/N) / (3 sigma)))``.
 
 Convolutions: the samples run in a ``lax.while_loop``, where XLA:CPU leaves gradient convolutions
-as naive loop nests (~100x slower); with ``conv_impl="auto"`` the model's convolutions are the
-custom-VJP ones of :mod:`ewgs_jax.ops` on CPU, which stay fast there. Forcing ``"xla"`` on CPU
-makes the estimate ~20x slower.
+as naive loop nests (far slower than its fast kernels); with ``conv_impl="auto"`` the model's
+convolutions are the custom-VJP ones of :mod:`ewgs_jax.ops` on CPU, which stay fast there.
+Forcing ``"xla"`` on CPU makes the estimate an order of magnitude slower (figures:
+``benchmarks/README.md``, section "Figures cited by module docstrings", ``hessian``).
 
 Deviations from the official code (README, "Deviations from the official code"):
 
