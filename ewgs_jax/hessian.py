@@ -73,6 +73,13 @@ def delta_from_trace(trace_per_element, grad_sigma):
 
   ``grad_sigma`` is the unbiased standard deviation of ``dL/dx_q``. The clipping ``max(0, .)``
   is applied after averaging over batches (:func:`combine_batches`), as the reference does.
+
+  Args:
+    trace_per_element: the estimate of ``Tr(H)/N`` (scalar or array).
+    grad_sigma: the unbiased standard deviation of the gradient, broadcastable against it.
+
+  Returns:
+    The unclipped delta; NaN where either input is non-finite or ``grad_sigma <= 1e-12``.
   """
   trace_per_element, grad_sigma = jnp.asarray(trace_per_element), jnp.asarray(grad_sigma)
   ok = jnp.isfinite(trace_per_element) & jnp.isfinite(grad_sigma) & (grad_sigma > 1e-12)
@@ -82,6 +89,13 @@ def delta_from_trace(trace_per_element, grad_sigma):
 def delta_from_gradient(trace_per_element, grad):
   """EWGS Eq. 10 for one batch from the gradient ``dL/dx_q`` itself: ``(Tr(H)/N) / (3 std(grad))``,
   std unbiased (``ddof=1``, torch's default, as the reference); NaN where undefined (zero spread).
+
+  Args:
+    trace_per_element: the estimate of ``Tr(H)/N``.
+    grad: the gradient ``dL/dx_q`` of the quantizer's output (any shape).
+
+  Returns:
+    The unclipped delta of :func:`delta_from_trace`.
   """
   return delta_from_trace(trace_per_element, jnp.std(jnp.asarray(grad, jnp.float32), ddof=1))
 
@@ -91,6 +105,14 @@ def combine_batches(per_batch: np.ndarray, previous: float, name: str = "") -> f
 
   A vanishing gradient spread or a non-finite trace (the reference code's NaN on detection
   models) leaves delta finite; the event is logged with the quantizer's name.
+
+  Args:
+    per_batch: one quantizer's per-batch deltas (:func:`delta_from_trace`), NaN where undefined.
+    previous: the quantizer's current delta, kept when no batch has a defined value.
+    name: the quantizer's name, for the log message.
+
+  Returns:
+    The new delta, ``>= 0``.
   """
   per_batch = np.asarray(per_batch, np.float64)
   valid = per_batch[np.isfinite(per_batch)]
@@ -322,5 +344,16 @@ class DeltaRefreshPolicy:
 def refresh_deltas(estimator: Callable | None, variables: dict, batches: list[dict], key,
                    policy: DeltaRefreshPolicy | None = None) -> dict:
   """New ``quant_state`` from ``policy.refresh`` (default: Hessian mode); params and batch_stats
-  are neither read back nor returned, so the caller's copies stay exactly as they were."""
+  are neither read back nor returned, so the caller's copies stay exactly as they were.
+
+  Args:
+    estimator: from :func:`make_trace_estimator` (unused in ``"fixed"`` mode).
+    variables: ``params``, ``batch_stats``, ``quant_state``.
+    batches: the batches to average over (EWGS Algorithm 1).
+    key: the probes' random key.
+    policy: the refresh policy; ``None`` for the default :class:`DeltaRefreshPolicy`.
+
+  Returns:
+    The new ``quant_state`` (only the deltas change).
+  """
   return (policy or DeltaRefreshPolicy()).refresh(estimator, variables, batches, key)[0]
