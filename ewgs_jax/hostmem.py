@@ -78,6 +78,11 @@ def tune(mode: str = "auto") -> bool:
       when JAX will run on the CPU (``JAX_PLATFORMS`` starts with ``cpu``, or no GPU/TPU plugin is
       installed).
 
+  Returns:
+    ``True`` if the settings are in effect (applied by this call or an earlier one); ``False`` for
+    ``'system'``, for ``'auto'`` off the CPU or after the backend started, off Linux, without
+    glibc's ``mallopt``, or if ``mallopt`` refused a setting.
+
   Raises:
     ValueError: for an unknown mode.
     RuntimeError: ``'tuned'`` after the JAX backend has started (too late to take effect).

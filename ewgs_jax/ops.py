@@ -175,9 +175,17 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
   """Drop-in for ``lax.conv_general_dilated`` with the fast weight gradient where it applies.
 
   Args:
-    lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-      feature_group_count, batch_group_count, precision, preferred_element_type: as
-      ``lax.conv_general_dilated``.
+    lhs: the input; each argument up to ``preferred_element_type`` as ``lax.conv_general_dilated``.
+    rhs: the kernel.
+    window_strides: the strides.
+    padding: a padding string or ``(low, high)`` pairs per spatial dimension.
+    lhs_dilation: the input dilation (the fast rule needs ``None`` or all ones).
+    rhs_dilation: the kernel dilation (the fast rule needs ``None`` or all ones).
+    dimension_numbers: the layouts (the fast rule needs NHWC/HWIO/NHWC on 4-D inputs).
+    feature_group_count: the number of feature groups.
+    batch_group_count: the number of batch groups (the fast rule needs 1).
+    precision: the precision (the fast rule needs ``None``).
+    preferred_element_type: the output dtype (the fast rule needs ``None``).
     impl: ``"auto"`` (the custom rule on CPU), ``"xla"`` or ``"fast"``; see :func:`selected_impl`.
 
   Returns:
