@@ -217,7 +217,14 @@ def _committed_steps(directory: str) -> list[int]:
 
 
 def committed_steps(workdir: str) -> list[int]:
-  """Steps of the finished checkpoints of the run in ``workdir``."""
+  """Steps of the finished checkpoints of the run in ``workdir``.
+
+  Args:
+    workdir: the run's directory (its checkpoints are in ``workdir/checkpoints``).
+
+  Returns:
+    The committed checkpoint steps, ascending (empty if there are none).
+  """
   return _committed_steps(os.path.join(workdir, "checkpoints"))
 
 
@@ -240,6 +247,12 @@ def load_variables(workdir: str) -> dict:
   Restores the raw pytree as host numpy arrays, without needing that run's optimizer structure
   or its device topology (a run saved on 8 devices loads on 1). Raises ``FileNotFoundError`` if
   ``workdir`` holds no checkpoint.
+
+  Args:
+    workdir: the other run's directory.
+
+  Returns:
+    ``{"params": ..., "batch_stats": ...}`` as host numpy pytrees (``batch_stats`` only if saved).
   """
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   if not os.path.isdir(directory):
@@ -265,7 +278,16 @@ WARM_START_FILE = "warm_start.npz"
 
 
 def save_warm_start(workdir: str, variables: dict, source: str) -> None:
-  """Copies the warm-start variables into the run, so that it never needs ``init_from`` again."""
+  """Copies the warm-start variables into the run, so that it never needs ``init_from`` again.
+
+  Only process 0 writes; the file (``WARM_START_FILE``) is an ``.npz`` of the flattened variables
+  and the absolute path of ``source``, written atomically.
+
+  Args:
+    workdir: the run's directory.
+    variables: the warm-start variables (a nested dict of arrays).
+    source: the directory they were loaded from (``init_from``), recorded with them.
+  """
   if jax.process_index() != 0:
     return
   from flax import traverse_util
@@ -277,7 +299,14 @@ def save_warm_start(workdir: str, variables: dict, source: str) -> None:
 
 
 def load_warm_start(workdir: str) -> dict | None:
-  """The variables stored by :func:`save_warm_start`, or ``None``."""
+  """The variables stored by :func:`save_warm_start`, or ``None``.
+
+  Args:
+    workdir: the run's directory.
+
+  Returns:
+    The nested dict of numpy arrays, or ``None`` if the run has no stored warm start.
+  """
   path = os.path.join(workdir, WARM_START_FILE)
   if not os.path.exists(path):
     return None
@@ -350,7 +379,14 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def has_trained(workdir: str) -> bool:
-  """Whether a run in ``workdir`` has trained at least one step (a checkpoint or logged metrics)."""
+  """Whether a run in ``workdir`` has trained at least one step (a checkpoint or logged metrics).
+
+  Args:
+    workdir: the run's directory.
+
+  Returns:
+    ``True`` if it has a committed checkpoint or a non-empty ``metrics.jsonl``.
+  """
   if _committed_steps(os.path.join(workdir, "checkpoints")):
     return True
   metrics = os.path.join(workdir, "metrics.jsonl")
@@ -364,6 +400,11 @@ def save_or_check_config(workdir: str, config: dict, ignore: tuple[str, ...] = (
   exactly the run it started and never mixes two experiments in one workdir. Only a run that has
   trained counts: the config of one that failed before its first step (dataset missing, ...) is
   replaced. Differences in ``ignore`` (flattened keys) are allowed with a warning.
+
+  Args:
+    workdir: the run's directory (created if needed; only process 0 writes).
+    config: the resolved config as a dict (stored as sorted JSON).
+    ignore: flattened keys (``"a.b"``) whose differences only warn.
   """
   path = os.path.join(workdir, "config.json")
   resolved = json.loads(json.dumps(config, sort_keys=True, default=str))

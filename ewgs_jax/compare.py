@@ -91,7 +91,15 @@ class Rule:
 
 
 def parse_rule(spec: str) -> Rule:
-  """``NAME`` or ``NAME:key=value,key=value`` with NAME in ste | ewgs | pege."""
+  """``NAME`` or ``NAME:key=value,key=value`` with NAME in ste | ewgs | pege.
+
+  Args:
+    spec: the rule as given on the command line, e.g. ``"pege:pege.mu_ramp=0.2"``.
+
+  Returns:
+    A :class:`Rule` labelled ``spec`` with the backward rule ``NAME`` and the overrides as strings;
+    raises ``ValueError`` for an unknown name or an item that is not ``key=value``.
+  """
   name, _, rest = spec.partition(":")
   if name not in BASE_RULES:
     raise ValueError(f"unknown rule {spec!r}; rules are {list(BASE_RULES)}, optionally with ':key=value,...'")
@@ -136,7 +144,15 @@ class Run:
 
 
 def plan(args) -> tuple[Run, list[tuple[Rule, int, Run]]]:
-  """The full-precision run and every (rule, seed, run) of the comparison."""
+  """The full-precision run and every (rule, seed, run) of the comparison.
+
+  Args:
+    args: the parsed command line (:func:`parse_args`).
+
+  Returns:
+    ``(fp, runs)``: the full-precision :class:`Run` (or the ``--init-from`` one) and, for each rule
+    and seed ``0..seeds-1``, ``(rule, seed, run)`` warm-started from it.
+  """
   preset = PRESETS[args.preset]
   config_path = os.path.join(CONFIG_DIR, f"{preset.config}.py")
   sets = _parse_sets(args.set)      # the command line wins over the preset, a rule's own overrides over both
@@ -192,7 +208,17 @@ def _differences(run: Run, summary: dict) -> list[str]:
 
 
 def execute(run: Run, log_dir: str, env: dict) -> dict:
-  """Runs ``run`` through the training command line unless it has finished; returns its summary."""
+  """Runs ``run`` through the training command line unless it has finished; returns its summary.
+
+  Args:
+    run: the run to train.
+    log_dir: where its training log goes (``<slug>.log``, appended to).
+    env: the environment of the training subprocess.
+
+  Returns:
+    The run's ``summary.json`` as a dict; raises ``RuntimeError`` if the workdir holds a finished
+    run of another config, or the training stopped early or failed (with the end of its log).
+  """
   done = run.summary()
   if done is not None:
     differences = _differences(run, done)
@@ -222,6 +248,14 @@ def execute(run: Run, log_dir: str, env: dict) -> dict:
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
+  """Mean and sample standard deviation (``n - 1``) of ``values``.
+
+  Args:
+    values: at least one number.
+
+  Returns:
+    ``(mean, sd)``; ``sd`` is NaN for a single value.
+  """
   n = len(values)
   mean = sum(values) / n
   sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
@@ -229,7 +263,16 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 def paired_test(values: list[float], baseline: list[float]) -> dict:
-  """Mean difference, its 95 % t confidence interval, and the two-sided paired t-test p-value."""
+  """Mean difference, its 95 % t confidence interval, and the two-sided paired t-test p-value.
+
+  Args:
+    values: one rule's results, one per seed.
+    baseline: the baseline rule's results for the same seeds, in the same order.
+
+  Returns:
+    ``{"diff", "low", "high", "p", "n"}``: the mean of ``values - baseline``, its 95 % confidence
+    interval, the p-value and the number of pairs (the interval and p are NaN below 2 pairs).
+  """
   from scipy import stats
   diffs = [a - b for a, b in zip(values, baseline)]
   n = len(diffs)
@@ -254,7 +297,21 @@ def _split_results(summaries: dict[str, list[dict]], key: str) -> dict[str, list
 
 
 def write_results(args, fp_summary: dict, summaries: dict[str, list[dict]], runs) -> str:
-  """results.md; returns its text."""
+  """results.md; returns its text.
+
+  Writes ``args.workdir/results.md``: the setting, a table of final accuracies per rule and seed
+  (validation, when held out, and test) with mean ± sd and the paired comparison against ``ste``
+  (or the first rule), and the list of runs.
+
+  Args:
+    args: the parsed command line.
+    fp_summary: the full-precision run's summary.
+    summaries: each rule label's run summaries, in seed order.
+    runs: the ``(rule, seed, run)`` triples of :func:`plan`.
+
+  Returns:
+    The text written.
+  """
   preset = PRESETS[args.preset]
   labels = list(summaries)
   baseline = "ste" if "ste" in labels else labels[0]
@@ -303,7 +360,15 @@ def write_results(args, fp_summary: dict, summaries: dict[str, list[dict]], runs
 
 
 def plot_all(args, runs) -> list[str]:
-  """``curves_<rule>.png`` per rule and ``traces.png``; returns the paths written."""
+  """``curves_<rule>.png`` per rule and ``traces.png``; returns the paths written.
+
+  Args:
+    args: the parsed command line (``workdir``, ``bits``).
+    runs: the ``(rule, seed, run)`` triples of :func:`plan`; the traces use seed 0.
+
+  Returns:
+    The paths of the PNG files written into ``args.workdir``.
+  """
   plt = extras.pyplot()
   by_rule: dict[str, list] = {}
   for rule, seed, run in runs:
@@ -360,6 +425,14 @@ def plot_all(args, runs) -> list[str]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+  """Parses and checks the comparison's command line.
+
+  Args:
+    argv: the arguments, without the program name.
+
+  Returns:
+    The namespace, with ``argv`` added; invalid values exit through ``parser.error``.
+  """
   parser = argparse.ArgumentParser(prog="python -m ewgs_jax.compare", description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True, help="where the runs, results.md and plots go")
   parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -394,6 +467,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+  """Trains the full-precision run and every rule and seed, then writes results.md and the plots.
+
+  Args:
+    argv: the command line arguments; ``None`` for ``sys.argv[1:]``.
+
+  Returns:
+    The exit status: 0 on success, 1 if a run failed, 2 if ``--init-from`` holds no finished run.
+  """
   args = parse_args(sys.argv[1:] if argv is None else argv)
   os.makedirs(args.workdir, exist_ok=True)
   fp, runs = plan(args)

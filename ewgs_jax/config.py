@@ -146,7 +146,14 @@ def known_keys() -> list[str]:
 
 
 def unknown_key_message(keys: list[str]) -> str:
-  """``unknown config keys: a (did you mean b?), ...`` with where to find the valid ones."""
+  """``unknown config keys: a (did you mean b?), ...`` with where to find the valid ones.
+
+  Args:
+    keys: the unknown flattened keys.
+
+  Returns:
+    The message, with a close match per key (``difflib``) and the list of valid keys.
+  """
   known = known_keys()
   hints = []
   for key in keys:
@@ -161,6 +168,13 @@ def pege_schedules(pege: ml_collections.ConfigDict, total_steps: int):
 
   A ramp given as a fraction of the run (``rate_ramp``, ``mu_ramp`` > 0) ends at
   ``max(1, round(fraction * total_steps))``; a ramp of 0 uses the per-step constants in the kwargs.
+
+  Args:
+    pege: the ``config.pege`` section.
+    total_steps: the run's number of training steps.
+
+  Returns:
+    ``(rate_fn, mu_fn)``, each mapping a step to ``p_T`` and ``mu_T`` respectively.
   """
   def build(kind, kwargs, ramp, absolute, over):
     kwargs = dict(kwargs)
@@ -225,7 +239,11 @@ def _choice(name: str, value, choices) -> None:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ``ValueError`` for unknown keys or invalid values, listing what is valid."""
+  """Raises ``ValueError`` for unknown keys or invalid values, listing what is valid.
+
+  Args:
+    config: the full config to check.
+  """
   known = _flatten(default_config())
   given = _flatten(config)
   unknown = sorted(set(given) - set(known))

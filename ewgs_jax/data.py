@@ -16,8 +16,9 @@ Sources are random-access:
 A :class:`Split` can hold out a fixed part of the training split as a validation set (so that
 defaults are tuned without touching the test split) and limit training to a subset.
 
-Loader (our own rather than grain's per-record transforms, which ran at ~1k images/s on 2 cores
-against ~11k for batch-level numpy, DESIGN.md "Measured facts"):
+Loader (our own rather than grain's per-record transforms, which were an order of magnitude
+slower than batch-level numpy on a small CPU machine; figures: ``benchmarks/README.md``, section
+"Figures cited by module docstrings", ``data``):
 
 * An epoch is a seeded permutation of the training split; batch ``s`` of epoch ``e`` is a pure
   function of ``(seed, e, s)``, so the iterator's state is just ``{"epoch", "step"}`` and resuming
@@ -143,6 +144,13 @@ def read_idx(path: str) -> np.ndarray:
   Header: two zero bytes, a type code (0x08 unsigned byte, 0x09 signed byte, 0x0B int16, 0x0C
   int32, 0x0D float32, 0x0E float64), the number of dimensions, then each dimension as a
   big-endian int32; the data follow in C order, big-endian.
+
+  Args:
+    path: the file, ``.gz`` or not.
+
+  Returns:
+    The array in native byte order, with the header's shape; raises ``ValueError`` for a bad
+    header or a size that does not match it.
   """
   types = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
   with _open(path) as f:
@@ -172,7 +180,15 @@ def _find_idx(directory: str, stem: str) -> str | None:
 
 
 def idx_directory(name: str, data_dir: str | None) -> str | None:
-  """The first directory holding all four IDX files of ``name`` (see the module docstring)."""
+  """The first directory holding all four IDX files of ``name`` (see the module docstring).
+
+  Args:
+    name: ``"mnist"`` or ``"fashion_mnist"``.
+    data_dir: the configured data directory, or ``None``.
+
+  Returns:
+    The directory, or ``None`` if no candidate holds all four files.
+  """
   for directory in _idx_dirs(name, data_dir):
     if all(_find_idx(directory, stem) for stems in IDX_FILES.values() for stem in stems):
       return directory
@@ -180,6 +196,15 @@ def idx_directory(name: str, data_dir: str | None) -> str | None:
 
 
 def missing_idx_message(name: str, data_dir: str | None) -> str:
+  """The error message when no directory holds the IDX files of ``name``.
+
+  Args:
+    name: ``"mnist"`` or ``"fashion_mnist"``.
+    data_dir: the configured data directory, or ``None``.
+
+  Returns:
+    The message, listing the expected file names and the directories searched.
+  """
   files = ", ".join(f"{stem}[.gz]" for stems in IDX_FILES.values() for stem in stems)
   where = " or ".join(_idx_dirs(name, data_dir)) or "data_dir (config.data_dir is not set)"
   return f"{name}: expected the IDX files {files} in {where}"
@@ -227,7 +252,14 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 def digits_source(split: str) -> ArraySource:
-  """scikit-learn's digits with a fixed split: the first 1,437 images train, the last 360 test."""
+  """scikit-learn's digits with a fixed split: the first 1,437 images train, the last 360 test.
+
+  Args:
+    split: ``"train"`` or ``"test"``.
+
+  Returns:
+    An :class:`ArraySource` of that split; raises ``ValueError`` for another split.
+  """
   images, labels = _digits()
   cut = len(labels) - 360
   if split == "train":
@@ -335,7 +367,15 @@ def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, 
 
 
 def get_dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
-  """Classes, shapes and normalisation of ``name`` (``"digits"``, ``"npz:PATH"``, IDX or tfds)."""
+  """Classes, shapes and normalisation of ``name`` (``"digits"``, ``"npz:PATH"``, IDX or tfds).
+
+  Args:
+    name: the dataset name.
+    data_dir: the data directory (IDX files, tfds), or ``None``.
+
+  Returns:
+    The :class:`DatasetInfo`; raises ``ValueError`` for a dataset tfds does not know.
+  """
   if name == "digits":
     return DatasetInfo("digits", 10, (8, 8, 1), *MEAN_STD["digits"])
   if name.startswith(NPZ_PREFIX):
@@ -367,7 +407,17 @@ def _to_float(images: list[np.ndarray]) -> np.ndarray:
 
 
 def crop_and_flip(batch: np.ndarray, rng: np.random.Generator, pad: int, flip: bool) -> np.ndarray:
-  """Random crop with ``pad`` zero pixels on each side (torch RandomCrop) and horizontal flip."""
+  """Random crop with ``pad`` zero pixels on each side (torch RandomCrop) and horizontal flip.
+
+  Args:
+    batch: an NHWC batch.
+    rng: the generator drawing the offsets and flips.
+    pad: the zero padding on each side, and so the largest shift.
+    flip: whether to flip each image horizontally with probability 1/2.
+
+  Returns:
+    The augmented batch, the same shape as ``batch``.
+  """
   n, h, w, _ = batch.shape
   padded = np.pad(batch, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   dy, dx = rng.integers(0, 2 * pad + 1, size=(2, n))
@@ -408,7 +458,16 @@ def _imagenet_eval(image: np.ndarray) -> np.ndarray:
 
 
 def transform(images: list[np.ndarray], info: DatasetInfo, rng: np.random.Generator | None) -> np.ndarray:
-  """Augments (when ``rng`` is given) and normalises a list of images into a float NHWC batch."""
+  """Augments (when ``rng`` is given) and normalises a list of images into a float NHWC batch.
+
+  Args:
+    images: the images (uint8 or float in [0, 1], HWC).
+    info: the dataset's info (its augmentation kind, mean and std).
+    rng: the generator for the augmentation, or ``None`` for evaluation (no augmentation).
+
+  Returns:
+    The normalised float batch, NHWC.
+  """
   if info.augmentation == "imagenet":
     batch = _to_float([_imagenet_train(im, rng) if rng is not None else _imagenet_eval(im) for im in images])
   else:
@@ -505,7 +564,22 @@ def make_train_iterator(name: str, *, global_batch_size: int, seed: int, data_di
                         augment: bool = True, process_index: int | None = None,
                         process_count: int | None = None, workers: int = 2,
                         subset: Split = Split()) -> TrainIterator:
-  """The training examples of ``subset`` (default: the whole training split) as a :class:`TrainIterator`."""
+  """The training examples of ``subset`` (default: the whole training split) as a :class:`TrainIterator`.
+
+  Args:
+    name: the dataset name.
+    global_batch_size: the batch size over all processes.
+    seed: the seed of the epoch permutations and the augmentation.
+    data_dir: the data directory, or ``None``.
+    augment: whether to augment the training images.
+    process_index: this process's index (default: ``jax.process_index()``).
+    process_count: the number of processes (default: ``jax.process_count()``).
+    workers: the threads fetching records.
+    subset: the validation hold-out and training limit.
+
+  Returns:
+    The iterator of this process's rows of each global batch.
+  """
   info = get_dataset_info(name, data_dir)
   return TrainIterator(_source(name, "train", data_dir, subset), info, global_batch_size=global_batch_size, seed=seed,
                        augment=augment, process_index=process_index, process_count=process_count,
@@ -518,6 +592,19 @@ def make_eval_iterator(name: str, *, global_batch_size: int, split: str | None =
   """The whole split once, in order; the last batch is padded and ``mask`` marks real examples.
 
   ``split`` defaults to ``subset.eval_split`` (``test``, or ``validation`` when examples are held out).
+
+  Args:
+    name: the dataset name.
+    global_batch_size: the batch size over all processes.
+    split: the split to read, or ``None`` for ``subset.eval_split``.
+    data_dir: the data directory, or ``None``.
+    process_index: this process's index (default: ``jax.process_index()``).
+    process_count: the number of processes (default: ``jax.process_count()``).
+    subset: the validation hold-out (and so which examples the split holds).
+
+  Returns:
+    An iterator of this process's rows of each global batch: ``{"image", "label", "mask"}``,
+    ``mask`` float32 (1 for a real example, 0 for padding).
   """
   info = get_dataset_info(name, data_dir)
   source = _source(name, split or subset.eval_split, data_dir, subset)

@@ -53,7 +53,14 @@ MIN_BITS, MAX_BITS = 1, 16
 
 
 def check_bits(bits: int) -> int:
-  """Validates a static bit width and returns it."""
+  """Validates a static bit width and returns it.
+
+  Args:
+    bits: the bit width; must be a Python ``int`` (not ``bool``) in ``MIN_BITS..MAX_BITS``.
+
+  Returns:
+    ``bits`` unchanged; raises ``TypeError`` for a non-int and ``ValueError`` out of range.
+  """
   if isinstance(bits, bool) or not isinstance(bits, int):
     raise TypeError(f"bits must be a static Python int in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
   if not MIN_BITS <= bits <= MAX_BITS:
@@ -62,7 +69,14 @@ def check_bits(bits: int) -> int:
 
 
 def levels(bits: int) -> int:
-  """Number of quantization steps ``2^b - 1`` (the number of levels minus one)."""
+  """Number of quantization steps ``2^b - 1`` (the number of levels minus one).
+
+  Args:
+    bits: the static bit width (checked by :func:`check_bits`).
+
+  Returns:
+    ``2 ** bits - 1``.
+  """
   return 2 ** check_bits(bits) - 1
 
 
@@ -70,6 +84,13 @@ def round_to_grid(x: Array, bits: int) -> Array:
   """Plain forward of every discretizer, ``round((2^b - 1) x) / (2^b - 1)`` (EWGS Eq. 2).
 
   Has zero derivative almost everywhere; use a discretizer to train through it.
+
+  Args:
+    x: values in [0, 1].
+    bits: the static bit width.
+
+  Returns:
+    The rounded values, computed in float32 and cast back to ``x.dtype``.
   """
   n = levels(bits)
   x32 = x.astype(jnp.float32)
@@ -127,6 +148,13 @@ def ste(x: Array, bits: int) -> Array:
   """Rounds ``x`` in [0, 1] to ``2^bits`` levels; backward is the straight-through estimator.
 
   ``dL/dx = dL/dx_q`` (EWGS Sec. 3.1; Bengio et al. 2013).
+
+  Args:
+    x: the latent value in [0, 1].
+    bits: the static bit width.
+
+  Returns:
+    ``x_q`` (EWGS Eq. 2) in ``x.dtype``.
   """
   return _ste(x, check_bits(bits))
 
@@ -163,6 +191,14 @@ def ewgs(x: Array, bits: int, delta: Array | float) -> Array:
   scaling factor (EWGS Eq. 10; see :mod:`ewgs_jax.hessian`); ``delta = 0`` is exactly STE.
   ``delta`` may be a scalar or broadcast against ``x``; it gets a zero cotangent. As in the
   reference code, no clamping is applied to ``delta`` or to the scale inside the rule.
+
+  Args:
+    x: the latent value in [0, 1].
+    bits: the static bit width.
+    delta: the scaling factor, a scalar or an array broadcastable against ``x``.
+
+  Returns:
+    ``x_q`` (EWGS Eq. 2) in ``x.dtype``.
   """
   return _ewgs(x, check_bits(bits), jnp.asarray(delta, jnp.float32))
 
@@ -203,6 +239,14 @@ def pege(x: Array, bits: int, mu: Array | float) -> Array:
   here); the paper applies Eq. 5 to quantized elements only. ``mu`` is per-element and absolute,
   so its effect depends on the loss scale, batch size and layer size: see :func:`pege_relative`
   (the library's default).
+
+  Args:
+    x: the latent value ``x_c`` in [0, 1].
+    bits: the static bit width.
+    mu: the absolute pull strength, a scalar or an array broadcastable against ``x``.
+
+  Returns:
+    ``x_q`` (EWGS Eq. 2) in ``x.dtype``.
   """
   return _pege(x, check_bits(bits), jnp.asarray(mu, jnp.float32))
 
@@ -212,7 +256,14 @@ def pege(x: Array, bits: int, mu: Array | float) -> Array:
 
 def gradient_spread(g: Array) -> Array:
   """``3 sigma(g)`` over all elements, unbiased (the representative EWGS Eq. 10 divides by, as the
-  reference code's ``3 * grad.std()``); float32, a constant of the backward pass."""
+  reference code's ``3 * grad.std()``); float32, a constant of the backward pass.
+
+  Args:
+    g: the cotangent (any shape); gradients are stopped through it.
+
+  Returns:
+    A float32 scalar: ``3 * std(g)`` with ``ddof=1`` (``ddof=0`` for a single element).
+  """
   g32 = lax.stop_gradient(g).astype(jnp.float32)
   return 3.0 * jnp.std(g32, ddof=1 if g32.size > 1 else 0)
 
@@ -246,6 +297,14 @@ def pege_relative(x: Array, bits: int, mu: Array | float) -> Array:
   ``3 sigma(g)`` makes the update direction invariant to scaling the loss (both terms scale with
   it) and puts ``mu`` on the scale of EWGS's ``delta``: at ``|g| = 3 sigma(g)`` the EWGS term
   ``delta |g| (x - x_q)`` equals this one with ``mu = delta``. ``mu = 0`` is exactly STE.
+
+  Args:
+    x: the latent value ``x_c`` in [0, 1].
+    bits: the static bit width.
+    mu: the pull strength in units of ``3 sigma(g)``, a scalar or broadcastable against ``x``.
+
+  Returns:
+    ``x_q`` (EWGS Eq. 2) in ``x.dtype``.
   """
   return _pege_relative(x, check_bits(bits), jnp.asarray(mu, jnp.float32))
 

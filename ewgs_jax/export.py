@@ -37,7 +37,19 @@ def _codes(x, lower, upper, bits: int) -> np.ndarray:
 
 
 def export_layer(params: dict, weight_bits: int, act_bits: int) -> dict:
-  """Integer weight codes, scales and offsets, and the activation quantizer of one layer."""
+  """Integer weight codes, scales and offsets, and the activation quantizer of one layer.
+
+  Args:
+    params: one interval-quantized layer's parameters (``kernel``, ``q_w_lower``, ``q_w_upper``,
+      ``q_a_lower``, ``q_a_upper``, ``q_alpha``).
+    weight_bits: the layer's weight bit width.
+    act_bits: the layer's activation bit width.
+
+  Returns:
+    A dict: ``weight_codes`` (integers in ``0..2^b-1``), ``weight_scale`` and ``weight_offset``
+    (weight ``= code * scale + offset``, before ``alpha``), ``weight_bits``, ``act_lower``,
+    ``act_upper``, ``act_scale``, ``act_bits`` and ``alpha`` (its absolute value).
+  """
   n_w, n_a = 2 ** weight_bits - 1, 2 ** act_bits - 1
   return {
       "weight_codes": _codes(params["kernel"], float(params["q_w_lower"]), float(params["q_w_upper"]), weight_bits),
@@ -49,7 +61,15 @@ def export_layer(params: dict, weight_bits: int, act_bits: int) -> dict:
 
 
 def export_model(quant: QuantConfig, params: dict) -> dict[str, dict]:
-  """Every interval-quantized conv/dense layer of ``params`` (paths as in ``quant.resolve``)."""
+  """Every interval-quantized conv/dense layer of ``params`` (paths as in ``quant.resolve``).
+
+  Args:
+    quant: the model's quantization config, which resolves each layer's setting.
+    params: the model's parameters.
+
+  Returns:
+    ``{path: export_layer(...)}`` for every layer with interval weight and activation quantizers.
+  """
   exported = {}
 
   def visit(tree, path):

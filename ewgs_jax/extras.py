@@ -35,6 +35,15 @@ class MissingExtraError(ImportError):
 
 
 def missing_message(module: str, purpose: str) -> str:
+  """The error message for an optional dependency that is not installed.
+
+  Args:
+    module: the missing module (its top-level package must be a key of :data:`OPTIONAL`).
+    purpose: what needed it, the message's subject.
+
+  Returns:
+    The message, naming the distribution and the ``ewgs_jax[extra]`` to install.
+  """
   distribution, extra = OPTIONAL[module.split(".")[0]]
   return (f"{purpose} needs {distribution}, which is not installed; install it with "
           f"`pip install 'ewgs_jax[{extra}]'` (or `pip install {distribution}`)")
@@ -46,6 +55,13 @@ def require(module: str, purpose: str) -> types.ModuleType:
 
   Only a missing top-level package is translated: an import that fails inside an installed package
   (a broken install, a version clash) keeps its own error.
+
+  Args:
+    module: the module to import.
+    purpose: what needs it, for the error message.
+
+  Returns:
+    The imported module.
   """
   top = module.split(".")[0]
   try:

@@ -29,9 +29,10 @@ stops after two samples whenever the trace is negative). Several batches are ave
 reference does: ``delta = max(0, mean_batches((Tr/N) / (3 sigma)))``.
 
 Convolutions: the samples run in a ``lax.while_loop``, where XLA:CPU leaves gradient convolutions
-as naive loop nests (~100x slower); with ``conv_impl="auto"`` the model's convolutions are the
-custom-VJP ones of :mod:`ewgs_jax.ops` on CPU, which stay fast there. Forcing ``"xla"`` on CPU
-makes the estimate ~20x slower.
+as naive loop nests (far slower than its fast kernels); with ``conv_impl="auto"`` the model's
+convolutions are the custom-VJP ones of :mod:`ewgs_jax.ops` on CPU, which stay fast there.
+Forcing ``"xla"`` on CPU makes the estimate an order of magnitude slower (figures:
+``benchmarks/README.md``, section "Figures cited by module docstrings", ``hessian``).
 
 Deviations from the official code (README, "Deviations from the official code"):
 
@@ -72,6 +73,13 @@ def delta_from_trace(trace_per_element, grad_sigma):
 
   ``grad_sigma`` is the unbiased standard deviation of ``dL/dx_q``. The clipping ``max(0, .)``
   is applied after averaging over batches (:func:`combine_batches`), as the reference does.
+
+  Args:
+    trace_per_element: the estimate of ``Tr(H)/N`` (scalar or array).
+    grad_sigma: the unbiased standard deviation of the gradient, broadcastable against it.
+
+  Returns:
+    The unclipped delta; NaN where either input is non-finite or ``grad_sigma <= 1e-12``.
   """
   trace_per_element, grad_sigma = jnp.asarray(trace_per_element), jnp.asarray(grad_sigma)
   ok = jnp.isfinite(trace_per_element) & jnp.isfinite(grad_sigma) & (grad_sigma > 1e-12)
@@ -81,6 +89,13 @@ def delta_from_trace(trace_per_element, grad_sigma):
 def delta_from_gradient(trace_per_element, grad):
   """EWGS Eq. 10 for one batch from the gradient ``dL/dx_q`` itself: ``(Tr(H)/N) / (3 std(grad))``,
   std unbiased (``ddof=1``, torch's default, as the reference); NaN where undefined (zero spread).
+
+  Args:
+    trace_per_element: the estimate of ``Tr(H)/N``.
+    grad: the gradient ``dL/dx_q`` of the quantizer's output (any shape).
+
+  Returns:
+    The unclipped delta of :func:`delta_from_trace`.
   """
   return delta_from_trace(trace_per_element, jnp.std(jnp.asarray(grad, jnp.float32), ddof=1))
 
@@ -90,6 +105,14 @@ def combine_batches(per_batch: np.ndarray, previous: float, name: str = "") -> f
 
   A vanishing gradient spread or a non-finite trace (the reference code's NaN on detection
   models) leaves delta finite; the event is logged with the quantizer's name.
+
+  Args:
+    per_batch: one quantizer's per-batch deltas (:func:`delta_from_trace`), NaN where undefined.
+    previous: the quantizer's current delta, kept when no batch has a defined value.
+    name: the quantizer's name, for the log message.
+
+  Returns:
+    The new delta, ``>= 0``.
   """
   per_batch = np.asarray(per_batch, np.float64)
   valid = per_batch[np.isfinite(per_batch)]
@@ -321,5 +344,16 @@ class DeltaRefreshPolicy:
 def refresh_deltas(estimator: Callable | None, variables: dict, batches: list[dict], key,
                    policy: DeltaRefreshPolicy | None = None) -> dict:
   """New ``quant_state`` from ``policy.refresh`` (default: Hessian mode); params and batch_stats
-  are neither read back nor returned, so the caller's copies stay exactly as they were."""
+  are neither read back nor returned, so the caller's copies stay exactly as they were.
+
+  Args:
+    estimator: from :func:`make_trace_estimator` (unused in ``"fixed"`` mode).
+    variables: ``params``, ``batch_stats``, ``quant_state``.
+    batches: the batches to average over (EWGS Algorithm 1).
+    key: the probes' random key.
+    policy: the refresh policy; ``None`` for the default :class:`DeltaRefreshPolicy`.
+
+  Returns:
+    The new ``quant_state`` (only the deltas change).
+  """
   return (policy or DeltaRefreshPolicy()).refresh(estimator, variables, batches, key)[0]

@@ -3,9 +3,10 @@
 XLA:CPU allocates every executable's buffers with ``malloc`` on its worker threads. With glibc's
 defaults, each large buffer (above the 128 KiB-32 MiB mmap threshold) is a fresh ``mmap``: the
 kernel zero-fills and faults in every 4 KiB page on first touch, and ``free`` unmaps it again, so
-each train step pays the page faults once more. Measured on the 2-core CPU machine (W2A2 EWGS
-ResNet-20, batch 256): ~250,000 minor faults (about 1 GB) per step with the defaults, none with
-the tuning below, and the step ~1.2x faster (2.58 -> 2.17 s in ``benchmarks/bench_conv.py``).
+each train step pays the page faults once more: a CPU ResNet-20 step faults in its whole
+working set every time with the defaults, not at all with the tuning below, and runs measurably
+faster with it (figures: ``benchmarks/README.md``, section "Figures cited by module docstrings",
+``hostmem``).
 Worker threads also get their own glibc arenas, whose heaps are capped at 64 MiB and fall back to
 ``mmap`` for larger blocks, so the arena count must be limited too.
 
@@ -76,6 +77,11 @@ def tune(mode: str = "auto") -> bool:
     mode: ``'tuned'`` applies them; ``'system'`` leaves glibc's defaults; ``'auto'`` applies them
       when JAX will run on the CPU (``JAX_PLATFORMS`` starts with ``cpu``, or no GPU/TPU plugin is
       installed).
+
+  Returns:
+    ``True`` if the settings are in effect (applied by this call or an earlier one); ``False`` for
+    ``'system'``, for ``'auto'`` off the CPU or after the backend started, off Linux, without
+    glibc's ``mallopt``, or if ``mallopt`` refused a setting.
 
   Raises:
     ValueError: for an unknown mode.

@@ -134,6 +134,15 @@ def warm_start(model: nn.Module, fp_variables: dict, rng: Array, images: Array) 
   created by their data-driven initialisers (EWGS Sec. 4.1) with the copied kernels in place. The
   full-precision running statistics are kept as they are (the reference code lets this one
   train-mode batch nudge them; we do not, so that the copy is exact).
+
+  Args:
+    model: the quantized model.
+    fp_variables: the full-precision ``params`` and (optionally) ``batch_stats``.
+    rng: the key of the quantizer initialisers.
+    images: a batch of training images, for the data-driven initialisers.
+
+  Returns:
+    The quantized model's variables: ``params``, ``batch_stats`` and ``quant_state``.
   """
   expected = jax.eval_shape(functools.partial(model.init, train=True), rng, images)
   problems = []

@@ -1,8 +1,8 @@
-"""A convolution whose weight gradient is fast on XLA:CPU (DESIGN.md, "Measured facts").
+"""A convolution whose weight gradient is fast on XLA:CPU.
 
-XLA:CPU computes convolution *weight* gradients slowly: DESIGN.md measured ~410 ms for a 3x3
-16->16 conv on 256x32x32x16 (forward ~17 ms); on jax 0.10.2 we measure ~100-170 ms, still 3-6x
-its forward and 2-4x PyTorch's oneDNN (``benchmarks/README.md``). :func:`conv_general_dilated`
+XLA:CPU computes convolution *weight* gradients slowly: several times its forward convolution and
+slower than PyTorch's oneDNN (figures: ``benchmarks/README.md``, section "Figures cited by module
+docstrings", ``ops``). :func:`conv_general_dilated`
 has the signature of ``jax.lax.conv_general_dilated``; for NHWC/HWIO convolutions without
 dilation it uses a ``jax.custom_vjp`` whose
 
@@ -57,13 +57,13 @@ def selected_impl(impl: str = "auto") -> str:
   """The implementation a supported convolution traced now with ``impl`` uses: ``"fast"`` or ``"xla"``.
 
   ``auto`` picks the custom rule on the CPU backend, XLA's convolution elsewhere (cuDNN and TPU
-  convolutions are already fast). Measured with ``benchmarks/bench_conv.py`` (jax 0.10.2, 2-core
-  CPU VMs, batch 256): the custom weight gradient took 0.38-0.91x XLA's time for every 3x3 layer
-  shape of ResNet-20 on one VM and 0.39-1.01x on another, the depthwise one ~0.12x; and inside a
+  convolutions are already fast): on CPU the custom weight gradient is faster than XLA's for
+  every 3x3 layer shape of ResNet-20 (or ties it), much faster for depthwise ones; and inside a
   loop body (``while_loop``, ``fori_loop``, ``scan``: the Hessian estimate's samples, a scanned
   model) XLA:CPU does not rewrite gradient convolutions into its fast kernels at all and they run
-  as naive loop nests, ~100x slower, while the custom rule, built from forward convolutions and
-  matmuls, stays fast.
+  as naive loop nests, orders of magnitude slower, while the custom rule, built from forward
+  convolutions and matmuls, stays fast (figures: ``benchmarks/README.md``, section "Figures cited
+  by module docstrings", ``ops``).
 
   Args:
     impl: ``"auto"``, ``"xla"`` or ``"fast"``.
@@ -113,7 +113,8 @@ def _weight_gradient(x, g, kernel_shape, strides, padding, groups):
       patch = patch.reshape(n, ho, wo, groups, cin_group)
       if cin_group == 1:
         # Depthwise: an elementwise multiply-reduce; as a batched matmul with 1x1 matrices per
-        # channel it was ~5x slower on XLA:CPU (benchmarks/README.md).
+        # channel it was several times slower on XLA:CPU (figures: benchmarks/README.md, section
+        # "Figures cited by module docstrings", ops).
         tap = jnp.sum(patch.astype(jnp.float32) * g.astype(jnp.float32), axis=(0, 1, 2))
       else:
         tap = jnp.einsum("nhwgc,nhwgd->cgd", patch, g, preferred_element_type=jnp.float32,
@@ -142,8 +143,9 @@ def _input_gradient(g, w, input_spatial, strides, padding, groups):
 
   Why not ``jax.vjp`` of the forward: JAX's transpose rule emits a convolution with a reversed,
   ``01oi`` kernel that XLA:CPU rewrites into its fast kernel only at the top level of a program;
-  inside a ``while`` body (the Hessian estimate's sample loop) it stays a naive loop nest, 10-40x
-  slower (``benchmarks/bench_conv.py``, "inside a loop"). Built from a convolution, the rule stays
+  inside a ``while`` body (the Hessian estimate's sample loop) it stays a naive loop nest, an
+  order of magnitude slower (figures: ``benchmarks/README.md``, section "Figures cited by module
+  docstrings", ``ops``). Built from a convolution, the rule stays
   differentiable (its JVP is again a canonical convolution).
   """
   kh, kw, cin_group, cout = w.shape
@@ -173,9 +175,17 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding, lhs_d
   """Drop-in for ``lax.conv_general_dilated`` with the fast weight gradient where it applies.
 
   Args:
-    lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-      feature_group_count, batch_group_count, precision, preferred_element_type: as
-      ``lax.conv_general_dilated``.
+    lhs: the input; each argument up to ``preferred_element_type`` as ``lax.conv_general_dilated``.
+    rhs: the kernel.
+    window_strides: the strides.
+    padding: a padding string or ``(low, high)`` pairs per spatial dimension.
+    lhs_dilation: the input dilation (the fast rule needs ``None`` or all ones).
+    rhs_dilation: the kernel dilation (the fast rule needs ``None`` or all ones).
+    dimension_numbers: the layouts (the fast rule needs NHWC/HWIO/NHWC on 4-D inputs).
+    feature_group_count: the number of feature groups.
+    batch_group_count: the number of batch groups (the fast rule needs 1).
+    precision: the precision (the fast rule needs ``None``).
+    preferred_element_type: the output dtype (the fast rule needs ``None``).
     impl: ``"auto"`` (the custom rule on CPU), ``"xla"`` or ``"fast"``; see :func:`selected_impl`.
 
   Returns:

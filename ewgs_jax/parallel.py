@@ -35,6 +35,10 @@ def maybe_initialize_distributed(config: Any = None, **overrides: Any) -> None:
   arguments: ``enabled`` plus any of ``coordinator_address``, ``num_processes``, ``process_id``,
   ``local_device_ids``, ``initialization_timeout``. Unset ones are left to JAX, which detects them
   on TPU pods, SLURM and Kubernetes. Safe to call more than once.
+
+  Args:
+    config: a mapping of the settings, or ``None``.
+    **overrides: settings that take precedence over ``config``'s.
   """
   settings = {**dict(config or {}), **overrides}
   if not settings.get("enabled", False) or jax.distributed.is_initialized():
@@ -53,7 +57,14 @@ def maybe_initialize_distributed(config: Any = None, **overrides: Any) -> None:
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
-  """A mesh with one ``data`` axis over the first ``num_devices`` (default: all) global devices."""
+  """A mesh with one ``data`` axis over the first ``num_devices`` (default: all) global devices.
+
+  Args:
+    num_devices: the number of devices, or ``None`` for all; raises ``ValueError`` if out of range.
+
+  Returns:
+    The 1-D ``Mesh``.
+  """
   devices = jax.devices()
   if num_devices is not None:
     if not 0 < num_devices <= len(devices):
@@ -63,12 +74,26 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-  """Every device holds the whole value (the training state)."""
+  """Every device holds the whole value (the training state).
+
+  Args:
+    mesh: the device mesh.
+
+  Returns:
+    ``NamedSharding(mesh, P())``.
+  """
   return NamedSharding(mesh, P())
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over ``data``; device ``d`` of the mesh holds the ``d``-th block."""
+  """Leading (batch) axis split over ``data``; device ``d`` of the mesh holds the ``d``-th block.
+
+  Args:
+    mesh: the device mesh.
+
+  Returns:
+    ``NamedSharding(mesh, P("data"))``.
+  """
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
@@ -78,6 +103,13 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   Host values (numpy, Python scalars, single-process ``jax.Array``s) must be identical on every
   process, as after initialising from the same seed: each process fills its own devices from its
   copy. Arrays that already span several processes are resharded with ``jax.device_put``.
+
+  Args:
+    tree: a pytree of arrays or scalars.
+    mesh: the device mesh.
+
+  Returns:
+    The tree of global ``jax.Array``s replicated on ``mesh``.
   """
   sharding = replicated(mesh)
 
@@ -91,7 +123,13 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 
 def check_batch_divisible(global_batch_size: int, mesh: Mesh, what: str = "batch size") -> None:
-  """Raises if the global batch cannot be split evenly over the mesh's devices and processes."""
+  """Raises if the global batch cannot be split evenly over the mesh's devices and processes.
+
+  Args:
+    global_batch_size: the batch size over all processes.
+    mesh: the device mesh.
+    what: the batch's name in the error message.
+  """
   devices = mesh.devices.size
   if global_batch_size % devices or global_batch_size % jax.process_count():
     raise ValueError(f"{what} {global_batch_size} is not divisible by the device count {devices} "
@@ -103,6 +141,13 @@ def shard_batch(local_batch: dict, mesh: Mesh) -> dict:
 
   ``local_batch`` maps names to numpy arrays of ``global_batch_size / jax.process_count()`` rows:
   this process's contiguous block. With one process it is simply the whole batch.
+
+  Args:
+    local_batch: this process's rows, by name.
+    mesh: the device mesh.
+
+  Returns:
+    The global arrays, by name.
   """
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
@@ -114,6 +159,12 @@ def to_host(tree: Any) -> Any:
   Replicated arrays are read from a local device; arrays sharded across processes are gathered
   with ``process_allgather``, a collective: every process must call :func:`to_host` on the same
   tree (as in the training loop, where all processes run the same code).
+
+  Args:
+    tree: a pytree of arrays.
+
+  Returns:
+    The same tree of numpy arrays.
   """
   from jax.experimental import multihost_utils
 

@@ -145,5 +145,12 @@ def _apply_overrides(weight: QuantizerSpec, act: QuantizerSpec, o: dict) -> tupl
 
 
 def first_last_quant(quant: QuantConfig | None) -> QuantConfig | None:
-  """The setting of a model's first and last layers: full precision unless ``quantize_first_last``."""
+  """The setting of a model's first and last layers: full precision unless ``quantize_first_last``.
+
+  Args:
+    quant: the model's quantization setting, or ``None``.
+
+  Returns:
+    ``quant`` if it is set and ``quant.quantize_first_last``, otherwise ``None``.
+  """
   return quant if quant is not None and quant.quantize_first_last else None

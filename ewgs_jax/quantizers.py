@@ -42,12 +42,28 @@ def clip(x: Array, low, high) -> Array:
 
   Elements strictly outside get gradient 0 with respect to ``x`` and gradient 1 with respect to
   the bound they are clipped to.
+
+  Args:
+    x: the values to clip.
+    low: the lower bound (scalar or array, may be traced).
+    high: the upper bound (scalar or array, may be traced).
+
+  Returns:
+    ``x`` clipped to ``[low, high]``.
   """
   return jnp.where(x < low, low, jnp.where(x > high, high, x))
 
 
 def scale_gradient(x: Array, scale) -> Array:
-  """Identity in the forward pass; multiplies the gradient by ``scale`` (LSQ Sec. 2.2)."""
+  """Identity in the forward pass; multiplies the gradient by ``scale`` (LSQ Sec. 2.2).
+
+  Args:
+    x: the value (e.g. LSQ's step size).
+    scale: the factor the gradient with respect to ``x`` is multiplied by.
+
+  Returns:
+    ``x`` (numerically), with the scaled gradient.
+  """
   return x * scale + lax.stop_gradient(x - x * scale)
 
 
@@ -74,6 +90,18 @@ def interval(
 
   The bounds get gradients only through unclipped elements (the clip gradient is taken at the
   normalised value, as in the reference code): there is no PACT/LSQ-style clipping gradient.
+
+  Args:
+    x: the weights or activations to quantize.
+    lower: the learned lower bound ``l``.
+    upper: the learned upper bound ``u``.
+    bits: the static bit width.
+    weight: ``True`` for the weight output ``2 (x_q - 0.5)``, ``False`` for activations ``x_q``.
+    discretizer: the rounding with its backward rule (:mod:`ewgs_jax.estimators`); STE by default.
+    hook: optional ``hook(x_c, x_q)`` whose result replaces ``x_q`` (progressive replacement).
+
+  Returns:
+    ``Q_W`` in [-1, 1] or ``Q_A`` in [0, 1], in ``x.dtype``.
   """
   x_n = clip((x - lower) / (upper - lower), 0.0, 1.0)
   x_q = _discretize(x_n, bits, discretizer, hook)
@@ -99,6 +127,17 @@ def pact(
 
   ``signed=True`` is the symmetric weight variant (our choice, PACT itself quantizes weights with
   DoReFa): clip to ``[-m, m]`` with levels spread uniformly over it; ``dQ/dm = sign(x)`` outside.
+
+  Args:
+    x: the values to quantize.
+    clip_value: the learned clipping level ``m`` (positive).
+    bits: the static bit width.
+    signed: clip to ``[-m, m]`` (symmetric weight variant) instead of ``[0, m]``.
+    discretizer: the rounding with its backward rule; STE by default.
+    hook: optional ``hook(x_c, x_q)`` whose result replaces ``x_q`` (on the [0, 1] latent).
+
+  Returns:
+    The quantized values on ``[0, m]`` (or ``[-m, m]``), in ``x.dtype``.
   """
   m = lax.stop_gradient(clip_value)
   # PACT Eq. 3 puts the tie x = m on the clipped side: dQ/dm = 1 there.
@@ -114,7 +153,15 @@ def pact(
 
 
 def lsq_range(bits: int, signed: bool) -> tuple[int, int]:
-  """LSQ's integer range ``(Q_N, Q_P)``: signed ``(2^(b-1), 2^(b-1) - 1)``, unsigned ``(0, 2^b-1)``."""
+  """LSQ's integer range ``(Q_N, Q_P)``: signed ``(2^(b-1), 2^(b-1) - 1)``, unsigned ``(0, 2^b-1)``.
+
+  Args:
+    bits: the static bit width.
+    signed: whether the range is symmetric around 0.
+
+  Returns:
+    ``(Q_N, Q_P)``, the number of negative and positive levels.
+  """
   n = levels(bits)
   q_neg = 2 ** (bits - 1) if signed else 0
   return q_neg, n - q_neg
@@ -138,6 +185,18 @@ def lsq(
   multiplied by the gradient scale ``1 / sqrt(N Q_P)`` (LSQ Sec. 2.2), where ``N`` is the number
   of elements sharing one step (all of them, or one channel's). ``Q_P`` is floored at 1 so that
   signed 1-bit (``Q_P = 0``) stays finite.
+
+  Args:
+    x: the values to quantize.
+    step: the learned step size ``s`` (scalar, or per channel broadcastable against ``x``).
+    bits: the static bit width.
+    signed: use the signed integer range (weights) instead of the unsigned one (activations).
+    grad_scale: the step's gradient scale; ``None`` for LSQ's ``1 / sqrt(N Q_P)``.
+    discretizer: the rounding with its backward rule; STE by default.
+    hook: optional ``hook(x_c, x_q)`` whose result replaces ``x_q`` (on the [0, 1] latent).
+
+  Returns:
+    ``round(clip(x / s, -Q_N, Q_P)) * s``, in ``x.dtype``.
   """
   q_neg, q_pos = lsq_range(bits, signed)
   if grad_scale is None:
@@ -162,6 +221,16 @@ def dorefa(
 
   Weights: ``x_c = tanh(w) / (2 max|tanh(w)|) + 1/2``, output ``2 x_q - 1``.
   Activations: ``x_c = clip(x, 0, 1)``, output ``x_q``.
+
+  Args:
+    x: the weights or activations to quantize.
+    bits: the static bit width.
+    weight: ``True`` for the weight quantizer (tanh normalisation), ``False`` for activations.
+    discretizer: the rounding with its backward rule; STE by default.
+    hook: optional ``hook(x_c, x_q)`` whose result replaces ``x_q``.
+
+  Returns:
+    Weights in [-1, 1] or activations in [0, 1], in ``x.dtype``.
   """
   if weight:
     t = jnp.tanh(x)

@@ -36,6 +36,14 @@ DEFAULT_GRANULARITY = "element"
 
 
 def check_granularity(granularity: str) -> str:
+  """Validates a replacement granularity and returns it.
+
+  Args:
+    granularity: ``"network"``, ``"tensor"`` or ``"element"``.
+
+  Returns:
+    ``granularity``; raises ``ValueError`` for another value.
+  """
   if granularity not in GRANULARITIES:
     raise ValueError(f"unknown replacement granularity {granularity!r}; valid choices: {list(GRANULARITIES)}")
   return granularity
@@ -46,6 +54,14 @@ def quantizer_key(step_key: Array, name: str, granularity: str = DEFAULT_GRANULA
 
   For ``"network"`` every quantizer gets the step's key itself, so all draws coincide; otherwise
   the key is folded with a stable hash of the quantizer's name, so the draws are independent.
+
+  Args:
+    step_key: the training step's replacement key.
+    name: the quantizer's name.
+    granularity: ``"network"``, ``"tensor"`` or ``"element"``.
+
+  Returns:
+    The quantizer's key.
   """
   if check_granularity(granularity) == "network":
     return step_key
@@ -53,7 +69,17 @@ def quantizer_key(step_key: Array, name: str, granularity: str = DEFAULT_GRANULA
 
 
 def replacement_mask(key: Array, shape: tuple[int, ...], p, granularity: str = DEFAULT_GRANULARITY) -> Array:
-  """Bernoulli(p) mask (True = use the quantized value), broadcastable to ``shape`` (PEGE Eq. 3)."""
+  """Bernoulli(p) mask (True = use the quantized value), broadcastable to ``shape`` (PEGE Eq. 3).
+
+  Args:
+    key: the quantizer's key (:func:`quantizer_key`).
+    shape: the shape of the quantized tensor.
+    p: the replacement rate ``p_T`` in [0, 1] (may be traced).
+    granularity: ``"element"`` draws one value per element; ``"tensor"`` and ``"network"`` one scalar.
+
+  Returns:
+    A boolean mask of ``shape``, or a boolean scalar.
+  """
   mask_shape = shape if check_granularity(granularity) == "element" else ()
   return jax.random.bernoulli(key, jnp.asarray(p, jnp.float32), mask_shape)
 
@@ -65,6 +91,16 @@ def replace(key: Array, x_c: Array, x_q: Array, p, *, granularity: str = DEFAULT
   ``x_q`` (hence through the discretizer's backward rule) where ``r = 1`` and straight to ``x_c``
   where ``r = 0``. For ``"network"`` granularity, pass every quantizer the same key (see
   :func:`quantizer_key`).
+
+  Args:
+    key: the quantizer's key (:func:`quantizer_key`).
+    x_c: the latent (full-precision) value.
+    x_q: the discretized value.
+    p: the replacement rate ``p_T`` in [0, 1].
+    granularity: ``"network"``, ``"tensor"`` or ``"element"``.
+
+  Returns:
+    The mixed value, the shape of ``x_q``.
   """
   mask = replacement_mask(key, jnp.shape(x_q), p, granularity)
   return jnp.where(mask, x_q, x_c)

@@ -32,6 +32,14 @@ for _i in range(256):
 
 
 def crc32c(data: bytes) -> int:
+  """CRC-32C (Castagnoli), the checksum of TFRecord framing.
+
+  Args:
+    data: the bytes to checksum.
+
+  Returns:
+    The unsigned 32-bit CRC.
+  """
   crc = 0xFFFFFFFF
   for byte in data:
     crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
@@ -58,6 +66,17 @@ def _field(number: int, payload: bytes) -> bytes:
 
 def encode_event(wall_time: float, step: int, scalars: dict[str, float] | None = None,
                  file_version: str | None = None) -> bytes:
+  """A TensorBoard ``Event`` protobuf, hand-encoded (no TensorFlow or protobuf needed).
+
+  Args:
+    wall_time: seconds since the epoch (field 1).
+    step: the global step (field 2).
+    scalars: ``{tag: value}`` written as a ``Summary`` of simple float values (field 5), or ``None``.
+    file_version: the ``file_version`` string of an event file's first event (field 3), or ``None``.
+
+  Returns:
+    The serialised event.
+  """
   event = b"\x09" + struct.pack("<d", wall_time) + b"\x10" + _varint(step)
   if file_version is not None:
     event += _field(3, file_version.encode())
@@ -69,6 +88,14 @@ def encode_event(wall_time: float, step: int, scalars: dict[str, float] | None =
 
 
 def tfrecord(data: bytes) -> bytes:
+  """Frames one record as TFRecord: length, masked CRC of the length, data, masked CRC of the data.
+
+  Args:
+    data: the record's payload (a serialised event).
+
+  Returns:
+    The framed bytes.
+  """
   length = struct.pack("<Q", len(data))
   return length + struct.pack("<I", _masked_crc(length)) + data + struct.pack("<I", _masked_crc(data))
 
@@ -135,7 +162,14 @@ def _drop_torn_line(path: str) -> None:
 
 
 def read_events(path: str) -> list[tuple[int, dict[str, float]]]:
-  """Parses an event file written by :class:`MetricsWriter`, checking every record's CRCs."""
+  """Parses an event file written by :class:`MetricsWriter`, checking every record's CRCs.
+
+  Args:
+    path: the event file.
+
+  Returns:
+    ``[(step, {tag: value}), ...]`` in file order; raises ``ValueError`` at a corrupt CRC.
+  """
   out, data = [], open(path, "rb").read()
   pos = 0
   while pos < len(data):
@@ -233,7 +267,12 @@ class ProgressBar:
 
 
 def announce(text: str, stream=None) -> None:
-  """A line for the user on stderr (process 0 only): resume, stop, end of a run."""
+  """A line for the user on stderr (process 0 only): resume, stop, end of a run.
+
+  Args:
+    text: the line, without its newline.
+    stream: where to write; ``None`` for ``sys.stderr``.
+  """
   if jax.process_index() == 0:
     stream = stream or sys.stderr
     stream.write(text + "\n")
@@ -244,7 +283,15 @@ def announce(text: str, stream=None) -> None:
 
 
 def write_summary(workdir: str, summary: dict) -> str:
-  """Writes ``workdir/summary.json`` atomically; returns its path."""
+  """Writes ``workdir/summary.json`` atomically; returns its path.
+
+  Args:
+    workdir: the run's directory.
+    summary: the summary (JSON-serialisable; other values are written through ``float``).
+
+  Returns:
+    The path of ``summary.json``.
+  """
   path = os.path.join(workdir, "summary.json")
   with open(path + ".tmp", "w") as f:
     json.dump(summary, f, indent=2, sort_keys=True, default=float)
@@ -253,7 +300,14 @@ def write_summary(workdir: str, summary: dict) -> str:
 
 
 def read_summary(workdir: str) -> dict | None:
-  """``workdir/summary.json``, or ``None`` if the run has not written one."""
+  """``workdir/summary.json``, or ``None`` if the run has not written one.
+
+  Args:
+    workdir: the run's directory.
+
+  Returns:
+    The summary as a dict, or ``None``.
+  """
   path = os.path.join(workdir, "summary.json")
   if not os.path.exists(path):
     return None
@@ -262,7 +316,14 @@ def read_summary(workdir: str) -> dict | None:
 
 
 def read_metrics(path: str) -> list[dict]:
-  """The records of ``metrics.jsonl``; a line a crash left unparseable is skipped."""
+  """The records of ``metrics.jsonl``; a line a crash left unparseable is skipped.
+
+  Args:
+    path: the ``metrics.jsonl`` file.
+
+  Returns:
+    One dict per parsed line, in order.
+  """
   records = []
   with open(path) as f:
     for line in f:
@@ -275,7 +336,15 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def final_message(workdir: str, summary: dict) -> str:
-  """The line printed when a run ends: its accuracies and where its outputs are."""
+  """The line printed when a run ends: its accuracies and where its outputs are.
+
+  Args:
+    workdir: the run's directory.
+    summary: the run's summary (``train_steps``, ``epochs``, ``final_*_accuracy``).
+
+  Returns:
+    The line, with each final accuracy in percent and the outputs present in ``workdir``.
+  """
   accuracies = ", ".join(f"{k[len('final_'):-len('_accuracy')]} {100 * v:.2f} %" for k, v in sorted(summary.items())
                          if k.startswith("final_") and k.endswith("_accuracy") and v is not None)
   outputs = [f for f in ("summary.json", "curves.png", "deltas.png", "metrics.jsonl", "checkpoints")
@@ -285,7 +354,13 @@ def final_message(workdir: str, summary: dict) -> str:
 
 
 def write_plots(workdir: str, delta_history: list[dict], title: str | None = None) -> None:
-  """``curves.png`` and (with delta refreshes) ``deltas.png``; a failure only warns: the run is done."""
+  """``curves.png`` and (with delta refreshes) ``deltas.png``; a failure only warns: the run is done.
+
+  Args:
+    workdir: the run's directory (holds ``metrics.jsonl``; receives the PNGs).
+    delta_history: the delta refreshes, as :func:`plot_deltas` takes them (empty for none).
+    title: the figures' title, or ``None``.
+  """
   try:
     plot_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "curves.png"), title=title)
     if delta_history:
@@ -295,7 +370,13 @@ def write_plots(workdir: str, delta_history: list[dict], title: str | None = Non
 
 
 def plot_curves(metrics_path: str, out_png: str, title: str | None = None) -> None:
-  """Loss and accuracy against the training step, train and test."""
+  """Loss and accuracy against the training step, train and test.
+
+  Args:
+    metrics_path: the ``metrics.jsonl`` to read.
+    out_png: the PNG to write.
+    title: the figure's title, or ``None``.
+  """
   plt = extras.pyplot()
   records = read_metrics(metrics_path)
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -319,6 +400,11 @@ def plot_deltas(history: list[dict], out_png: str, title: str | None = None) -> 
   """EWGS Fig. 3: delta of every weight and activation quantizer at each refresh (by epoch).
 
   ``history``: ``[{"step", "epoch", "quantizers": {layer: {"delta_w", "delta_a", ...}}}, ...]``.
+
+  Args:
+    history: the refreshes, as above.
+    out_png: the PNG to write.
+    title: the figure's title, or ``None``.
   """
   plt = extras.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
@@ -352,6 +438,12 @@ def results_table(workdirs: list[str]) -> str:
   Runs without a summary (unfinished) or stopped early (preempted) get a row saying so. With a
   validation split, the best accuracy is the validation one (marked "(val.)"): the test split is
   evaluated once, at the end.
+
+  Args:
+    workdirs: the runs' directories, one row each in this order.
+
+  Returns:
+    The table's text.
   """
   rows = ["| run | backward | W/A bits | final test acc. | best test acc. | epochs | images/s |",
           "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -379,7 +471,15 @@ def results_table(workdirs: list[str]) -> str:
 
 
 def provenance(workdirs: list[str]) -> str:
-  """When and on what the runs of a table were measured (from their summaries)."""
+  """When and on what the runs of a table were measured (from their summaries).
+
+  Args:
+    workdirs: the runs' directories.
+
+  Returns:
+    One sentence: the date of the newest ``summary.json``, the devices, this machine's CPU count and
+    jax version, and the summed training wall time.
+  """
   summaries = [s for s in (read_summary(w) for w in workdirs) if s is not None]
   devices = sorted({s.get("device", "?") for s in summaries})
   wall = sum(s.get("wall_time_s") or 0.0 for s in summaries)

@@ -54,13 +54,28 @@ def _check_rate(name: str, value: float) -> None:
 
 
 def constant_rate(rate: float = 1.0) -> Schedule:
-  """``p_T = rate`` (PEGE Table 4, "Constant")."""
+  """``p_T = rate`` (PEGE Table 4, "Constant").
+
+  Args:
+    rate: the rate, in (0, 1].
+
+  Returns:
+    The schedule, ``step -> p_T`` (float32).
+  """
   _check_rate("rate", rate)
   return lambda step: jnp.full((), rate, jnp.float32) + 0.0 * _t(step)
 
 
 def linear_rate(initial_rate: float, transition_steps: int) -> Schedule:
-  """``p_T = min(p_0 + (1 - p_0) T / T_1, 1)`` (PEGE Table 4, "Linear")."""
+  """``p_T = min(p_0 + (1 - p_0) T / T_1, 1)`` (PEGE Table 4, "Linear").
+
+  Args:
+    initial_rate: ``p_0``, in (0, 1].
+    transition_steps: ``T_1``, the step at which ``p_T`` reaches 1 (> 0).
+
+  Returns:
+    The schedule, ``step -> p_T``.
+  """
   _check_rate("initial_rate", initial_rate)
   _require(transition_steps > 0, "transition_steps", transition_steps, "> 0")
   return lambda step: jnp.minimum(initial_rate + (1.0 - initial_rate) * _t(step) / transition_steps, 1.0)
@@ -71,6 +86,14 @@ def logarithmic_rate(base: float, k: float, b: float) -> Schedule:
 
   ``log_B(b)`` is the rate at step 0, so ``b > 1`` keeps it positive; it reaches 1 at
   ``T = (B - b) / k``.
+
+  Args:
+    base: the logarithm's base ``B`` (> 1).
+    k: the slope ``k`` (> 0).
+    b: the offset ``b``, in (1, base].
+
+  Returns:
+    The schedule, ``step -> p_T``.
   """
   _require(base > 1.0, "base", base, "> 1")
   _require(k > 0.0, "k", k, "> 0")
@@ -80,14 +103,30 @@ def logarithmic_rate(base: float, k: float, b: float) -> Schedule:
 
 
 def exponential_rate(initial_rate: float, k: float) -> Schedule:
-  """``p_T = min(p_0 exp(k T), 1)`` (PEGE Table 4, "Exponential"): slow start, fast finish."""
+  """``p_T = min(p_0 exp(k T), 1)`` (PEGE Table 4, "Exponential"): slow start, fast finish.
+
+  Args:
+    initial_rate: ``p_0``, in (0, 1].
+    k: the growth rate (> 0).
+
+  Returns:
+    The schedule, ``step -> p_T``.
+  """
   _check_rate("initial_rate", initial_rate)
   _require(k > 0.0, "k", k, "> 0")
   return lambda step: jnp.minimum(initial_rate * jnp.exp(k * _t(step)), 1.0)
 
 
 def cosine_rate(initial_rate: float, transition_steps: int) -> Schedule:
-  """``p_T = p_0 + (1 - p_0)(1 - cos(pi min(T / T_1, 1))) / 2`` (PEGE Table 4, "Cosine")."""
+  """``p_T = p_0 + (1 - p_0)(1 - cos(pi min(T / T_1, 1))) / 2`` (PEGE Table 4, "Cosine").
+
+  Args:
+    initial_rate: ``p_0``, in (0, 1].
+    transition_steps: ``T_1``, the step at which ``p_T`` reaches 1 (> 0).
+
+  Returns:
+    The schedule, ``step -> p_T``.
+  """
   _check_rate("initial_rate", initial_rate)
   _require(transition_steps > 0, "transition_steps", transition_steps, "> 0")
 
@@ -106,20 +145,44 @@ def _check_mu_max(mu_max: float) -> None:
 
 
 def constant_mu(mu_max: float) -> Schedule:
-  """``mu_T = mu_max`` (PEGE Table 5, "Constant")."""
+  """``mu_T = mu_max`` (PEGE Table 5, "Constant").
+
+  Args:
+    mu_max: the value (>= 0).
+
+  Returns:
+    The schedule, ``step -> mu_T`` (float32).
+  """
   _check_mu_max(mu_max)
   return lambda step: jnp.full((), mu_max, jnp.float32) + 0.0 * _t(step)
 
 
 def linear_mu(mu_max: float, transition_steps: int) -> Schedule:
-  """``mu_T = mu_max min(T / T_1, 1)`` (PEGE Table 5, "Linear")."""
+  """``mu_T = mu_max min(T / T_1, 1)`` (PEGE Table 5, "Linear").
+
+  Args:
+    mu_max: the final value (>= 0).
+    transition_steps: ``T_1``, the step at which ``mu_T`` reaches ``mu_max`` (> 0).
+
+  Returns:
+    The schedule, ``step -> mu_T``.
+  """
   _check_mu_max(mu_max)
   _require(transition_steps > 0, "transition_steps", transition_steps, "> 0")
   return lambda step: mu_max * jnp.minimum(_t(step) / transition_steps, 1.0)
 
 
 def logarithmic_mu(mu_max: float, base: float, k: float) -> Schedule:
-  """``mu_T = mu_max min(log_B(k T + 1), 1)`` (PEGE Table 5, "Logarithmic"); 0 at step 0."""
+  """``mu_T = mu_max min(log_B(k T + 1), 1)`` (PEGE Table 5, "Logarithmic"); 0 at step 0.
+
+  Args:
+    mu_max: the final value (>= 0).
+    base: the logarithm's base ``B`` (> 1).
+    k: the slope (> 0); ``mu_max`` is reached at ``T = (B - 1) / k``.
+
+  Returns:
+    The schedule, ``step -> mu_T``.
+  """
   _check_mu_max(mu_max)
   _require(base > 1.0, "base", base, "> 1")
   _require(k > 0.0, "k", k, "> 0")
@@ -128,7 +191,15 @@ def logarithmic_mu(mu_max: float, base: float, k: float) -> Schedule:
 
 
 def exponential_mu(mu_max: float, k: float) -> Schedule:
-  """``mu_T = mu_max (1 - exp(-k T))`` (PEGE Sec. 3.2, "Exponential Curriculum Learning")."""
+  """``mu_T = mu_max (1 - exp(-k T))`` (PEGE Sec. 3.2, "Exponential Curriculum Learning").
+
+  Args:
+    mu_max: the limit (>= 0).
+    k: the rate (> 0).
+
+  Returns:
+    The schedule, ``step -> mu_T``.
+  """
   _check_mu_max(mu_max)
   _require(k > 0.0, "k", k, "> 0")
   return lambda step: mu_max * -jnp.expm1(-k * _t(step))
@@ -158,6 +229,14 @@ def rate_schedule_over(kind: str, transition_steps: int, **shape) -> Schedule:
   ``shape`` holds the constants that do not set the pace: ``base`` and ``b`` (logarithmic,
   ``k = (base - b) / T_1``), ``initial_rate`` (linear, cosine; exponential, ``k = -ln(p_0) / T_1``),
   ``rate`` (constant, which has no ramp).
+
+  Args:
+    kind: ``"constant"``, ``"linear"``, ``"logarithmic"``, ``"exponential"`` or ``"cosine"``.
+    transition_steps: ``T_1`` (> 0).
+    **shape: the constants above for ``kind``.
+
+  Returns:
+    The schedule, ``step -> p_T``.
   """
   _lookup(RATE_SCHEDULES, kind, "replacement-rate")
   _require(transition_steps > 0, "transition_steps", transition_steps, "> 0")
@@ -180,6 +259,14 @@ def mu_schedule_over(kind: str, transition_steps: int, **shape) -> Schedule:
   Exponential: ``k = ln(1 / (1 - 0.99)) / T_1`` (99 % at ``T_1``); logarithmic:
   ``k = (base - 1) / T_1``; linear: ``T_1``; constant: no ramp. ``shape`` holds ``mu_max`` (and
   ``base`` for the logarithmic schedule).
+
+  Args:
+    kind: ``"constant"``, ``"linear"``, ``"logarithmic"`` or ``"exponential"``.
+    transition_steps: ``T_1`` (> 0).
+    **shape: ``mu_max`` (and ``base``).
+
+  Returns:
+    The schedule, ``step -> mu_T``.
   """
   _lookup(MU_SCHEDULES, kind, "mu")
   _require(transition_steps > 0, "transition_steps", transition_steps, "> 0")
@@ -201,12 +288,28 @@ def _lookup(table: dict, kind: str, what: str):
 
 
 def rate_schedule(kind: str, **kwargs) -> Schedule:
-  """Builds a replacement-rate schedule by name, e.g. ``rate_schedule("logarithmic", base=..)``."""
+  """Builds a replacement-rate schedule by name, e.g. ``rate_schedule("logarithmic", base=..)``.
+
+  Args:
+    kind: a key of ``RATE_SCHEDULES``; unknown names raise ``ValueError`` listing them.
+    **kwargs: the schedule's arguments.
+
+  Returns:
+    The schedule, ``step -> p_T``.
+  """
   return _lookup(RATE_SCHEDULES, kind, "replacement-rate")(**kwargs)
 
 
 def mu_schedule(kind: str, **kwargs) -> Schedule:
-  """Builds a ``mu`` schedule by name, e.g. ``mu_schedule("exponential", mu_max=.., k=..)``."""
+  """Builds a ``mu`` schedule by name, e.g. ``mu_schedule("exponential", mu_max=.., k=..)``.
+
+  Args:
+    kind: a key of ``MU_SCHEDULES``; unknown names raise ``ValueError`` listing them.
+    **kwargs: the schedule's arguments.
+
+  Returns:
+    The schedule, ``step -> mu_T``.
+  """
   return _lookup(MU_SCHEDULES, kind, "mu")(**kwargs)
 
 

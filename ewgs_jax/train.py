@@ -44,6 +44,12 @@ def shipped_config_path(spec: str) -> str:
   """``NAME[:VARIANT]`` of a config shipped in :mod:`ewgs_jax.configs` -> its file path; a path as is.
 
   A file that exists wins over a shipped name, so a checkout's ``configs/x.py`` behaves as before.
+
+  Args:
+    spec: the ``--config`` argument, ``PATH_OR_NAME[:VARIANT]``.
+
+  Returns:
+    ``spec`` itself, or the shipped file's absolute path with ``:VARIANT`` kept.
   """
   path, sep, variant = spec.partition(":")
   name = path[:-3] if path.endswith(".py") else path
@@ -63,7 +69,15 @@ def _resolve_config_argument(argv: list[str]) -> list[str]:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with the config keys listed on request and a bad override as one message."""
+  """absl's parsing, with the config keys listed on request and a bad override as one message.
+
+  Args:
+    argv: the command line, program name first.
+
+  Returns:
+    The arguments absl leaves over (program name first). ``--config_keys`` prints the keys and
+    exits 0; a flag or config error exits with ``EXIT_USAGE`` and one message.
+  """
   argv = _resolve_config_argument(argv)
   if "--config_keys" in argv:
     print(config_lib.describe())
@@ -86,6 +100,14 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv):
+  """Runs one training from the parsed flags (absl's ``app.run`` entry point).
+
+  Args:
+    argv: the arguments absl left over (only the program name is accepted).
+
+  Exits with ``EXIT_USAGE``, ``EXIT_ERROR`` or ``EXIT_ABORTED`` on failure and with
+  ``EXIT_STOPPED_EARLY`` when the run stopped early after saving.
+  """
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if FLAGS.config is None or FLAGS.workdir is None:

@@ -61,6 +61,14 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax
   decay on every network parameter as PyTorch's ``weight_decay`` does in the reference code.
   Quantizer parameters (bounds, output scale, PACT clip, LSQ step): Adam, no weight decay. Both
   decay to 0 with a cosine schedule over the run.
+
+  Args:
+    config: the run's config (``optimizer``, ``learning_rate``, ``momentum``, ``nesterov``,
+      ``weight_decay``, ``quant_learning_rate``, ``lr_schedule``).
+    total_steps: the run's training steps, the cosine schedules' length.
+
+  Returns:
+    An ``optax.multi_transform`` labelling quantizer parameters ``"quant"``, the rest ``"weights"``.
   """
   def lr(base):
     return optax.cosine_decay_schedule(base, total_steps) if config.lr_schedule == "cosine" else base
@@ -80,7 +88,15 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
-  """The model named by the config, quantized as ``config.quant`` says (``None``: full precision)."""
+  """The model named by the config, quantized as ``config.quant`` says (``None``: full precision).
+
+  Args:
+    config: the run's config.
+    num_classes: the dataset's number of classes.
+
+  Returns:
+    The (unbound) Flax module; bfloat16 computation when ``config.half_precision``.
+  """
   quant = None
   if config.quant.enabled:
     q = config.quant
@@ -133,7 +149,15 @@ def refreshes_deltas(rules_in_use) -> bool:
 
 
 def task_loss(logits, labels):
-  """The loss training minimises, as the Hessian code takes it (``cross_entropy``'s mean)."""
+  """The loss training minimises, as the Hessian code takes it (``cross_entropy``'s mean).
+
+  Args:
+    logits: ``[batch, classes]``.
+    labels: ``[batch]`` integers.
+
+  Returns:
+    The mean softmax cross-entropy (float32 scalar).
+  """
   return cross_entropy(logits, labels)[0]
 
 
@@ -208,7 +232,16 @@ def _quantizer_snapshot(state: TrainState) -> dict[str, dict[str, float]]:
 
 def warm_start_source(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   """The full-precision variables a QAT run starts from: its own copy, else ``init_from`` (then
-  copied into the run, so that it resumes even if ``init_from`` is moved or deleted)."""
+  copied into the run, so that it resumes even if ``init_from`` is moved or deleted).
+
+  Args:
+    config: the run's config (``init_from``, ``quant.enabled``).
+    workdir: the run's directory.
+
+  Returns:
+    The ``params`` (and ``batch_stats``) to warm start from, or ``None`` when the run is not a
+    quantized one with ``init_from``.
+  """
   if not (config.init_from and config.quant.enabled):
     return None
   variables = checkpoints.load_warm_start(workdir)
@@ -227,6 +260,9 @@ def enable_deterministic_ops(environ=os.environ) -> None:
   On a GPU, reductions (e.g. in convolution gradients) may otherwise run in a different order
   from one run to the next, so a killed-and-resumed run is not bit-identical to an uninterrupted
   one. No effect on CPU, whose results are already reproducible.
+
+  Args:
+    environ: the environment to change (default: ``os.environ``).
   """
   flags = environ.get("XLA_FLAGS", "")
   if DETERMINISTIC_FLAG not in flags.split():
@@ -234,14 +270,29 @@ def enable_deterministic_ops(environ=os.environ) -> None:
 
 
 def deterministic_ops_enabled(environ=os.environ) -> bool:
+  """Whether ``XLA_FLAGS`` in ``environ`` holds XLA's deterministic-GPU-ops flag.
+
+  Args:
+    environ: the environment to read (default: ``os.environ``).
+
+  Returns:
+    ``True`` if the flag is set.
+  """
   return DETERMINISTIC_FLAG in environ.get("XLA_FLAGS", "").split()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains ``config.model`` on ``config.dataset`` in ``workdir``, resuming if it holds a run.
 
-  Returns the summary also written to ``workdir/summary.json`` (``summary["preempted"]``: stopped
-  early by SIGTERM or Ctrl-C after saving; re-running resumes). The workdir is locked for the run.
+  The workdir is locked for the run.
+
+  Args:
+    config: the run's config (validated here).
+    workdir: the run's directory: checkpoints, metrics, summary and plots.
+
+  Returns:
+    The summary also written to ``workdir/summary.json`` (``summary["preempted"]``: stopped early
+    by SIGTERM or Ctrl-C after saving; re-running resumes).
   """
   with contextlib.ExitStack() as cleanup:
     return _train_and_evaluate(config, workdir, cleanup)

@@ -33,7 +33,18 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 def get_model(name: str, *, num_classes: int, quant: QuantConfig | None = None, dtype: Any = jnp.float32,
               **kwargs) -> nn.Module:
-  """Builds the model registered as ``name``; unknown names raise listing the choices."""
+  """Builds the model registered as ``name``; unknown names raise listing the choices.
+
+  Args:
+    name: a key of :data:`MODELS`.
+    num_classes: the number of output classes.
+    quant: the quantization setting, or ``None`` for full precision.
+    dtype: the computation dtype.
+    **kwargs: further arguments of the model's factory (e.g. ``stage_sizes``).
+
+  Returns:
+    The (unbound) Flax module.
+  """
   try:
     factory = MODELS[name]
   except KeyError:

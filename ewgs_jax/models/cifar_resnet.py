@@ -20,7 +20,16 @@ from ewgs_jax.layers import QuantConfig, QuantContext, QuantConv, QuantDense, fi
 
 
 def batch_norm(train: bool, name: str | None = None, dtype: Any = jnp.float32) -> nn.BatchNorm:
-  """PyTorch-equivalent BatchNorm (momentum 0.1 there = 0.9 here, eps 1e-5), global over the batch."""
+  """PyTorch-equivalent BatchNorm (momentum 0.1 there = 0.9 here, eps 1e-5), global over the batch.
+
+  Args:
+    train: use the batch's statistics (and update the running ones) instead of the running ones.
+    name: the module's name, or ``None``.
+    dtype: the computation dtype.
+
+  Returns:
+    The ``nn.BatchNorm`` module.
+  """
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)
 
 
