@@ -7,6 +7,7 @@ accuracies of finished runs (``make train`` uses it).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -264,6 +265,76 @@ class ProgressBar:
   def close(self) -> None:
     if self.enabled and self.tty:
       self.stream.write("\n")
+
+
+class RunTimer:
+  """A run's wall time and steady-state training time, summed over its resumes.
+
+  The training clock starts after the first (compiling) step (:meth:`start_training`); work done
+  inside :meth:`paused` (evaluation, delta refresh, checkpoints) is left out of it, and each pause's
+  length is passed to ``on_pause`` (e.g. :meth:`ProgressBar.exclude`).
+
+  Args:
+    batch_size: images per training step.
+    previous: the totals of earlier starts of this run (:meth:`totals` as checkpointed), or None.
+    on_pause: called with the seconds of every pause, or None.
+  """
+
+  def __init__(self, batch_size: int, previous: dict | None = None, on_pause=None):
+    self.batch_size = batch_size
+    self.previous = dict(previous or {"wall_time_s": 0.0, "train_seconds": 0.0, "train_images": 0})
+    self.on_pause = on_pause
+    self._wall_start = time.time()
+    self._loop_start: float | None = None
+    self._first_step = 0
+    self._excluded = 0.0
+
+  @property
+  def started(self) -> bool:
+    """Whether :meth:`start_training` was called."""
+    return self._loop_start is not None
+
+  def start_training(self, step: int) -> None:
+    """Starts the training clock at ``step`` (after the first, compiling step)."""
+    self._loop_start, self._first_step, self._excluded = time.perf_counter(), step, 0.0
+
+  @contextlib.contextmanager
+  def paused(self):
+    """Excludes the time spent inside the ``with`` block from training time.
+
+    Yields:
+      A dict whose ``"seconds"`` holds the pause's length once the block has ended.
+    """
+    pause = {"seconds": 0.0}
+    tick = time.perf_counter()
+    try:
+      yield pause
+    finally:
+      pause["seconds"] = time.perf_counter() - tick
+      if self.started:
+        self._excluded += pause["seconds"]
+      if self.on_pause is not None:
+        self.on_pause(pause["seconds"])
+
+  def totals(self, step: int) -> dict:
+    """``{"wall_time_s", "train_seconds", "train_images"}`` up to ``step``, earlier starts included.
+
+    Args:
+      step: the current training step.
+
+    Returns:
+      The totals (JSON-serialisable, to checkpoint and pass back as ``previous``).
+    """
+    seconds = time.perf_counter() - self._loop_start - self._excluded if self.started else 0.0
+    images = (step - self._first_step) * self.batch_size if self.started else 0
+    return {"wall_time_s": self.previous["wall_time_s"] + time.time() - self._wall_start,
+            "train_seconds": self.previous["train_seconds"] + seconds,
+            "train_images": self.previous["train_images"] + images}
+
+  @staticmethod
+  def images_per_s(totals: dict) -> float | None:
+    """Training images per second of :meth:`totals`, or None before any timed step."""
+    return totals["train_images"] / totals["train_seconds"] if totals["train_seconds"] > 0 and totals["train_images"] else None
 
 
 def announce(text: str, stream=None) -> None:

@@ -19,7 +19,6 @@ import functools
 import logging
 import math
 import os
-import time
 from typing import Any
 
 import flax
@@ -374,7 +373,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
   del first_batch
   history = extra.get("history", {"quantizers": [], "refreshed_at": -1})
   history.setdefault("best_eval_accuracy", history.pop("best_test_accuracy", 0.0))   # older checkpoints
-  previous_timing = dict(history.get("timing", {"wall_time_s": 0.0, "train_seconds": 0.0, "train_images": 0}))
 
   # 3. EWGS delta (EWGS Sec. 3.2): 0 until the first refresh, then every k epochs.
   # Runs when some layer's rule reads quant_state (per-layer rules included), whatever quant.backward says.
@@ -404,18 +402,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
   cleanup.callback(writer.close)
   progress = reporting.ProgressBar(total_steps, config.batch_size, enabled=config.progress_bar)
   pending: list[tuple[int, dict]] = []   # step metrics not yet fetched from the device
-  excluded_time = 0.0                    # evaluation, delta refresh and checkpoint time
-  wall_start = time.time()
-  loop_start = None
+  timer = reporting.RunTimer(config.batch_size, history.get("timing"), on_pause=progress.exclude)
   diverged_loss = DIVERGED_LOSS_FACTOR * math.log(max(info.num_classes, 2))
-
-  def run_timing(step: int) -> dict:
-    """Wall time and steady-state training time and images, summed over this run's resumes."""
-    seconds = time.perf_counter() - loop_start - excluded_time if loop_start is not None else 0.0
-    images = (step - first_step) * config.batch_size if loop_start is not None else 0
-    return {"wall_time_s": previous_timing["wall_time_s"] + time.time() - wall_start,
-            "train_seconds": previous_timing["train_seconds"] + seconds,
-            "train_images": previous_timing["train_images"] + images}
 
   def flush_metrics():
     """Fetches pending metrics; a non-finite loss stops the run before anything is saved."""
@@ -450,32 +438,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
     if keeper.latest_step() == step:     # already saved at this step (e.g. preempted at an epoch end)
       return
     flush_metrics()
-    history["timing"] = run_timing(step)
+    history["timing"] = timer.totals(step)
     keeper.save(step, state, extra={"data": train_iter.get_state(), "history": history},
                 metrics=None if test_accuracy is None else {"test_accuracy": test_accuracy})
 
-  preempted = False
-  while step < total_steps:
-    if policy.should_refresh(step, steps_per_epoch) and history["refreshed_at"] != step:
-      tick = time.perf_counter()
-      progress.message(f"step {step}: refreshing EWGS delta ({config.delta.mode}) ...")
-      state = refresh_deltas(state, step)
-      history["refreshed_at"] = step
-      snapshot = _quantizer_snapshot(state)
-      history["quantizers"].append({"step": step, "epoch": step / steps_per_epoch, "quantizers": snapshot})
-      writer.write_quantizers(step, snapshot, reason="delta_refresh")
-      progress.message(f"step {step}: delta refreshed in {time.perf_counter() - tick:.1f} s")
-      excluded_time += time.perf_counter() - tick
-      progress.exclude(time.perf_counter() - tick)
-    state, metrics = train_step(state, parallel.shard_batch(next(train_iter), mesh), step_key)
-    step += 1
-    pending.append((step, metrics))
-    if loop_start is None:               # time from the end of the first (compiling) step
-      jax.block_until_ready(metrics)
-      loop_start, first_step = time.perf_counter(), step
-    if step % config.log_every_steps == 0:
-      flush_metrics()
-    tick = time.perf_counter()
+  def stop_after_bookkeeping(state, step) -> bool:
+    """Evaluation and checkpoints due at ``step``; True when the run must stop (preemption)."""
     if step % steps_per_epoch == 0 or step == total_steps:
       epoch = step / steps_per_epoch
       results = None
@@ -496,13 +464,35 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
       keeper.wait_until_finished()
       reporting.announce(f"stopped early: saved step {step} of {total_steps} in {workdir}; "
                          f"re-run the same command to resume")
-      preempted = True
-      break
-    excluded_time += time.perf_counter() - tick
-    progress.exclude(time.perf_counter() - tick)
+      return True
+    return False
+
+  preempted = False
+  while step < total_steps:
+    if policy.should_refresh(step, steps_per_epoch) and history["refreshed_at"] != step:
+      with timer.paused() as pause:
+        progress.message(f"step {step}: refreshing EWGS delta ({config.delta.mode}) ...")
+        state = refresh_deltas(state, step)
+        history["refreshed_at"] = step
+        snapshot = _quantizer_snapshot(state)
+        history["quantizers"].append({"step": step, "epoch": step / steps_per_epoch, "quantizers": snapshot})
+        writer.write_quantizers(step, snapshot, reason="delta_refresh")
+      progress.message(f"step {step}: delta refreshed in {pause['seconds']:.1f} s")
+    state, metrics = train_step(state, parallel.shard_batch(next(train_iter), mesh), step_key)
+    step += 1
+    pending.append((step, metrics))
+    if not timer.started:                # time from the end of the first (compiling) step
+      jax.block_until_ready(metrics)
+      timer.start_training(step)
+    if step % config.log_every_steps == 0:
+      flush_metrics()
+    with timer.paused():                 # evaluation, checkpoints, preemption: not training time
+      if stop_after_bookkeeping(state, step):
+        preempted = True
+        break
   flush_metrics()
   jax.block_until_ready(state)
-  timing = run_timing(step)
+  timing = timer.totals(step)
   keeper.wait_until_finished()
   progress.close()
 
@@ -518,8 +508,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
       "train_steps": step,
       "epochs": step / steps_per_epoch,
       "wall_time_s": timing["wall_time_s"],
-      "train_images_per_s": (timing["train_images"] / timing["train_seconds"]
-                             if timing["train_seconds"] > 0 and timing["train_images"] else None),
+      "train_images_per_s": reporting.RunTimer.images_per_s(timing),
       "preempted": preempted,
       "eval_split": subset.eval_split,
       "device": f"{jax.devices()[0].platform} {jax.devices()[0].device_kind} x {jax.device_count()}",

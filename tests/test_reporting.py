@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from ewgs_jax import reporting
 
@@ -143,3 +144,30 @@ def test_delta_plot_has_a_y_label_a_readable_legend_and_the_run_name(tmp_path, m
   assert all(ax.get_ylabel() for ax in fig.axes)
   assert fig.axes[1].get_legend().get_texts()[0].get_fontsize() >= 8
   assert fig._suptitle.get_text() == "w2a2_ewgs"
+
+
+def test_run_timer_leaves_pauses_out_of_training_time_and_sums_resumes(monkeypatch):
+  clock = {"perf": 100.0, "wall": 1000.0}
+  monkeypatch.setattr(reporting.time, "perf_counter", lambda: clock["perf"])
+  monkeypatch.setattr(reporting.time, "time", lambda: clock["wall"])
+  paused = []
+
+  def advance(seconds):
+    clock["perf"] += seconds
+    clock["wall"] += seconds
+
+  timer = reporting.RunTimer(batch_size=10, previous={"wall_time_s": 50.0, "train_seconds": 20.0, "train_images": 400},
+                             on_pause=paused.append)
+  with timer.paused():             # before the training clock starts (e.g. a delta refresh at step 0)
+    advance(7.0)
+  advance(3.0)                     # the first, compiling step
+  timer.start_training(step=1)
+  advance(4.0)                     # steps 2..5
+  with timer.paused() as pause:    # an evaluation
+    advance(6.0)
+  advance(2.0)                     # steps 6..7
+  totals = timer.totals(step=7)
+  assert pause["seconds"] == 6.0 and paused == [7.0, 6.0]
+  assert totals == {"wall_time_s": 50.0 + 22.0, "train_seconds": 20.0 + 6.0, "train_images": 400 + 60}
+  assert reporting.RunTimer.images_per_s(totals) == pytest.approx(460 / 26)
+  assert reporting.RunTimer.images_per_s(reporting.RunTimer(10).totals(0)) is None
