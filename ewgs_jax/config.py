@@ -214,7 +214,9 @@ def apply_bits_variant(config: ml_collections.ConfigDict, variant: str, suffix: 
     else:
       config.quant[f"{side}_bits"] = bits
   config.quant.backward = match[3]
-  config.delta.mode = "hessian" if estimators.get_rule(match[3]).source == "quant_state" else "off"
+  # delta.mode stays "hessian": the refresh runs only where a layer's resolved rule reads quant_state
+  # (EWGS), so it costs nothing in STE/PEGE runs and a per-layer EWGS rule under them still gets delta.
+  config.delta.mode = "hessian"
   return match[4] is not None
 
 

@@ -21,7 +21,9 @@ def test_shipped_configs_are_valid(name, variants):
 
 def test_variant_sets_what_it_says():
   c = load_config("cifar10_resnet20", "w4a4_pege")
-  assert (c.quant.weight_bits, c.quant.act_bits, c.quant.backward, c.delta.mode) == (4, 4, "pege", "off")
+  # delta.mode "hessian" in every QAT variant: the refresh follows the layers' resolved rules, so an
+  # EWGS per-layer rule under a PEGE variant gets its delta (issue 13), and a pure PEGE run refreshes nothing
+  assert (c.quant.weight_bits, c.quant.act_bits, c.quant.backward, c.delta.mode) == (4, 4, "pege", "hessian")
   c = load_config("cifar10_resnet20", "w2a2_ewgs_fixed")
   assert (c.quant.backward, c.delta.mode) == ("ewgs", "fixed")
   assert not load_config("cifar10_resnet20", "fp").quant.enabled

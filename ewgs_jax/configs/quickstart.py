@@ -35,5 +35,5 @@ def get_config(variant: str | None = None):
   if backward is None:
     raise ValueError(f"unknown variant {variant!r}; valid: fp, w2a2_ste, w2a2_ewgs, w2a2_pege")
   c.quant.backward = backward
-  c.delta.mode = "hessian" if backward == "ewgs" else "off"
+  c.delta.mode = "hessian"   # runs only where a layer's rule is EWGS (config.apply_bits_variant)
   return c
