@@ -128,7 +128,6 @@ class Run:
   workdir: str
   config: str        # path.py:variant
   overrides: dict
-  expected_steps: int | None = None
 
   def command(self) -> list[str]:
     flags = [f"--config.{k}={_flag_value(v)}" for k, v in self.overrides.items()]
@@ -487,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[compare] --init-from {args.init_from}: no finished run there (summary.json)", file=sys.stderr)
     return 2
   try:
-    fp_summary = execute(fp, log_dir, env)
+    # a given --init-from run was trained as its user chose: it is used, not checked against the preset
+    fp_summary = fp.summary() if args.init_from else execute(fp, log_dir, env)
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
       summaries_in_order = list(pool.map(lambda item: execute(item[2], log_dir, env), runs))
   except RuntimeError as e:

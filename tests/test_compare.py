@@ -46,6 +46,18 @@ def test_comparison_end_to_end_with_validation_then_resumes_without_retraining(t
   assert (run / "summary.json").stat().st_mtime_ns == stamp
   changed = run_compare(workdir, "--validation", "200", "--qat-epochs", "3")   # a finished run is not silently reused
   assert changed.returncode == 1 and "holds a finished run of another config (num_epochs: 2 there, 3 now)" in changed.stderr
+  # another comparison warm-starts from this one's full-precision run (trained with other settings) without retraining it
+  other = tmp_path / "other"
+  reuse = subprocess.run([sys.executable, "-m", "ewgs_jax.compare", "--preset", "tiny", "--workdir", str(other),
+                          "--seeds", "1", "--rules", "ste", "--init-from", str(workdir / "fp")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert reuse.returncode == 0, reuse.stderr[-3000:]
+  assert not (other / "fp").exists() and "training in" in reuse.stdout and "fp: training" not in reuse.stdout
+  ste = json.loads((other / "runs" / "w2a2_ste" / "seed0" / "summary.json").read_text())
+  assert ste["config"]["init_from"] == str(workdir / "fp") and ste["eval_split"] == "test"
+  missing = subprocess.run([sys.executable, "-m", "ewgs_jax.compare", "--preset", "tiny", "--workdir", str(other),
+                            "--init-from", str(tmp_path / "nothing")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert missing.returncode == 2 and "no finished run there" in missing.stderr
 
 
 def test_bad_arguments_exit_non_zero_with_one_line():
