@@ -344,9 +344,9 @@ def _base_source(name: str, split: str, data_dir: str | None):
 
 def _source(name: str, split: str, data_dir: str | None, subset: Split = Split()):
   """``split`` is ``train``, ``validation`` (held out of train by ``subset``) or ``test``."""
+  if split == "validation" and not subset.validation:
+    raise ValueError("the validation split needs Split(validation=N) with N > 0")
   if split == "test" or (not subset.validation and not subset.train_limit):
-    if split == "validation":
-      raise ValueError("the validation split needs Split(validation=N) with N > 0")
     return _base_source(name, split, data_dir)
   train = _base_source(name, "train", data_dir)
   if subset.validation >= len(train):

@@ -243,5 +243,7 @@ def test_validation_hold_out_is_fixed_and_disjoint_from_training():
   assert sum(b["mask"].sum() for b in batches) == 100
   test = list(data.make_eval_iterator("digits", global_batch_size=64, split="test", subset=subset))
   assert sum(b["mask"].sum() for b in test) == 360
+  with pytest.raises(ValueError, match="validation split needs"):
+    data._source("digits", "validation", None, data.Split(train_limit=500))
   with pytest.raises(ValueError, match="cannot hold out 1437"):
     data._source("digits", "train", None, data.Split(validation=1437))
