@@ -12,8 +12,9 @@ and differs only in its backward rule, given the cotangent ``g = dL/dx_q``:
 * :func:`pege` -- progressive element-wise gradient estimation, PEGE Eq. 5,
   ``dL/dx = g + mu * (x - x_q)``.
 * :func:`pege_relative` -- PEGE Eq. 5 with ``mu`` measured in units of the cotangent's spread,
-  ``dL/dx = g + mu * 3 sigma(g) * (x - x_q)``: invariant to the loss scale, batch size and tensor
-  size (the library's default for PEGE, see its docstring).
+  ``dL/dx = g + mu * 3 sigma(g) * (x - x_q)``: exactly invariant to the loss scale, and measured
+  against each tensor's own gradient spread, so the batch size and the layer's size no longer set its
+  strength (the library's default for PEGE, see its docstring).
 
 ``x`` is the *latent* value: already normalised and clipped to [0, 1] by a forward method in
 :mod:`ewgs_jax.quantizers`. ``bits`` is a static Python int in 1..16. ``delta`` and ``mu`` are
@@ -297,6 +298,11 @@ def pege_relative(x: Array, bits: int, mu: Array | float) -> Array:
   ``3 sigma(g)`` makes the update direction invariant to scaling the loss (both terms scale with
   it) and puts ``mu`` on the scale of EWGS's ``delta``: at ``|g| = 3 sigma(g)`` the EWGS term
   ``delta |g| (x - x_q)`` equals this one with ``mu = delta``. ``mu = 0`` is exactly STE.
+
+  Measured (README "Calibration", Fashion-MNIST, W2A2, 3 seeds): mu = 0.1, 1, 10 cost 1.9, 6.3 and
+  17.4 points against STE; mu = 0.01 (the default ``pege.mu_kwargs.mu_max``) is indistinguishable
+  from mu = 0. The pull on activations adds up coherently through the backward pass, which the
+  per-element spread of ``g`` does not capture.
 
   Args:
     x: the latent value ``x_c`` in [0, 1].
