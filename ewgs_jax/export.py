@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 import jax.numpy as jnp
-from jax import lax
 
+from ewgs_jax import ops
 from ewgs_jax.layers import QuantConfig
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -86,19 +86,6 @@ def export_model(quant: QuantConfig, params: dict) -> dict[str, dict]:
   return exported
 
 
-def _patches(x, window: tuple[int, int], strides, padding) -> jnp.ndarray:
-  """``(N, H_out, W_out, kh * kw, C)`` windows of an NHWC array (pads with zeros; no arithmetic)."""
-  kh, kw = window
-  sh, sw = strides
-  if isinstance(padding, str):
-    padding = lax.padtype_to_pads(x.shape[1:3], window, strides, padding)
-  (pt, pb), (pl, pr) = padding
-  x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  h_out, w_out = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
-  return jnp.stack([x[:, i:i + sh * (h_out - 1) + 1:sh, j:j + sw * (w_out - 1) + 1:sw, :]
-                    for i in range(kh) for j in range(kw)], axis=3)
-
-
 def integer_conv_codes(a_codes, w_codes, strides=(1, 1), padding="SAME", feature_group_count: int = 1):
   """``(conv(k_a, k_w), conv(k_a, 1))`` of integer codes, int32-accumulated, on every backend.
 
@@ -113,7 +100,7 @@ def integer_conv_codes(a_codes, w_codes, strides=(1, 1), padding="SAME", feature
   """
   kh, kw, per_group, out = w_codes.shape
   groups = feature_group_count
-  patches = _patches(jnp.asarray(a_codes, jnp.int32), (kh, kw), tuple(strides), padding)
+  patches = jnp.stack(ops.tap_windows(jnp.asarray(a_codes, jnp.int32), (kh, kw), tuple(strides), padding), axis=3)
   n, h, w = patches.shape[:3]
   patches = patches.reshape(n, h, w, kh * kw, groups, per_group)
   kernel = jnp.asarray(w_codes, jnp.int32).reshape(kh * kw, per_group, groups, out // groups)

@@ -82,6 +82,29 @@ def _explicit_padding(padding, in_spatial, kernel_spatial, strides) -> tuple[tup
   return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
+def tap_windows(x, kernel_spatial, strides, padding) -> list:
+  """The input window of every kernel tap of a stride-``strides`` convolution over NHWC ``x``.
+
+  Args:
+    x: an NHWC array (any dtype).
+    kernel_spatial: ``(kh, kw)``.
+    strides: ``(sh, sw)``.
+    padding: ``"SAME"``, ``"VALID"`` or explicit ``((lo, hi), (lo, hi))``; zeros are padded.
+
+  Returns:
+    ``kh * kw`` arrays of shape ``(N, H_out, W_out, C)``, taps in row-major order: tap ``(i, j)``
+    holds the padded input at ``(i + sh * h, j + sw * w)``, the values kernel element ``(i, j)``
+    multiplies (slices only, no arithmetic).
+  """
+  (kh, kw), (sh, sw) = kernel_spatial, strides
+  (pt, pb), (pl, pr) = _explicit_padding(padding, x.shape[1:3], kernel_spatial, strides)
+  x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  n, hp, wp, c = x.shape
+  ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+  return [lax.slice(x, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
+          for i in range(kh) for j in range(kw)]
+
+
 def _replicated_like(x):
   """A replicated output sharding when ``x`` is explicitly sharded (``AxisType.Explicit`` mesh).
 
@@ -103,23 +126,19 @@ def _weight_gradient(x, g, kernel_shape, strides, padding, groups):
   """
   kh, kw, cin_group, cout = kernel_shape
   n, ho, wo, _ = g.shape
-  x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
   g = g.reshape(n, ho, wo, groups, cout // groups)
   taps = []
-  for i in range(kh):
-    for j in range(kw):
-      patch = lax.slice(x, (0, i, j, 0), (n, i + (ho - 1) * strides[0] + 1, j + (wo - 1) * strides[1] + 1, x.shape[3]),
-                        (1, strides[0], strides[1], 1))
-      patch = patch.reshape(n, ho, wo, groups, cin_group)
-      if cin_group == 1:
-        # Depthwise: an elementwise multiply-reduce; as a batched matmul with 1x1 matrices per
-        # channel it was several times slower on XLA:CPU (figures: benchmarks/README.md, section
-        # "Figures cited by module docstrings", ops).
-        tap = jnp.sum(patch.astype(jnp.float32) * g.astype(jnp.float32), axis=(0, 1, 2))
-      else:
-        tap = jnp.einsum("nhwgc,nhwgd->cgd", patch, g, preferred_element_type=jnp.float32,
-                         out_sharding=_replicated_like(x))
-      taps.append(tap.reshape(cin_group, cout))
+  for patch in tap_windows(x, (kh, kw), strides, padding):
+    patch = patch.reshape(n, ho, wo, groups, cin_group)
+    if cin_group == 1:
+      # Depthwise: an elementwise multiply-reduce; as a batched matmul with 1x1 matrices per
+      # channel it was several times slower on XLA:CPU (figures: benchmarks/README.md, section
+      # "Figures cited by module docstrings", ops).
+      tap = jnp.sum(patch.astype(jnp.float32) * g.astype(jnp.float32), axis=(0, 1, 2))
+    else:
+      tap = jnp.einsum("nhwgc,nhwgd->cgd", patch, g, preferred_element_type=jnp.float32,
+                       out_sharding=_replicated_like(x))
+    taps.append(tap.reshape(cin_group, cout))
   return jnp.stack(taps).reshape(kernel_shape)
 
 
