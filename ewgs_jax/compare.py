@@ -103,13 +103,7 @@ def parse_rule(spec: str) -> Rule:
   name, _, rest = spec.partition(":")
   if name not in BASE_RULES:
     raise ValueError(f"unknown rule {spec!r}; rules are {list(BASE_RULES)}, optionally with ':key=value,...'")
-  overrides = {}
-  for item in filter(None, rest.split(",")):
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-      raise ValueError(f"rule {spec!r}: {item!r} is not key=value")
-    overrides[key.strip()] = value.strip()
-  return Rule(spec, name, overrides)
+  return Rule(spec, name, _key_values(filter(None, rest.split(",")), f"rule {spec!r}: "))
 
 
 def _slug(text: str) -> str:
@@ -154,7 +148,7 @@ def plan(args) -> tuple[Run, list[tuple[Rule, int, Run]]]:
   """
   preset = PRESETS[args.preset]
   config_path = os.path.join(CONFIG_DIR, f"{preset.config}.py")
-  sets = _parse_sets(args.set)      # the command line wins over the preset, a rule's own overrides over both
+  sets = _key_values(args.set, "--set ")      # the command line wins over the preset, a rule's own overrides over both
   if args.validation:
     sets["validation_examples"] = args.validation
   fp_sets = {"num_epochs": args.fp_epochs} if args.fp_epochs else {}
@@ -173,13 +167,14 @@ def plan(args) -> tuple[Run, list[tuple[Rule, int, Run]]]:
   return fp, runs
 
 
-def _parse_sets(items: list[str]) -> dict:
+def _key_values(items, where: str) -> dict:
+  """``{"key": "value"}`` of ``key=value`` strings (a rule's overrides, ``--set``); ``where`` prefixes errors."""
   out = {}
   for item in items:
     key, sep, value = item.partition("=")
-    if not sep:
-      raise ValueError(f"--set {item!r} is not key=value")
-    out[key] = value
+    if not sep or not key.strip():
+      raise ValueError(f"{where}{item!r} is not key=value")
+    out[key.strip()] = value.strip()
   return out
 
 
@@ -295,7 +290,7 @@ def _split_results(summaries: dict[str, list[dict]], key: str) -> dict[str, list
   return {label: [s[key] for s in runs] for label, runs in summaries.items() if all(s.get(key) is not None for s in runs)}
 
 
-def write_results(args, fp_summary: dict, summaries: dict[str, list[dict]], runs) -> str:
+def write_results(args, fp_summary: dict, finished: list) -> str:
   """results.md; returns its text.
 
   Writes ``args.workdir/results.md``: the setting, a table of final accuracies per rule and seed
@@ -305,13 +300,15 @@ def write_results(args, fp_summary: dict, summaries: dict[str, list[dict]], runs
   Args:
     args: the parsed command line.
     fp_summary: the full-precision run's summary.
-    summaries: each rule label's run summaries, in seed order.
-    runs: the ``(rule, seed, run)`` triples of :func:`plan`.
+    finished: ``(rule, seed, run, summary)`` of every run, in :func:`plan`'s order.
 
   Returns:
     The text written.
   """
   preset = PRESETS[args.preset]
+  summaries: dict[str, list[dict]] = {}
+  for rule, _, _, summary in finished:
+    summaries.setdefault(rule.label, []).append(summary)
   labels = list(summaries)
   baseline = "ste" if "ste" in labels else labels[0]
   first = next(iter(summaries.values()))[0]
@@ -345,8 +342,7 @@ def write_results(args, fp_summary: dict, summaries: dict[str, list[dict]], runs
       lines.append(row)
     lines.append("")
   lines += ["## Runs", "", "| rule | seed | workdir | best accuracy (eval split) | wall time (s) |", "|---|---|---|---|---|"]
-  for rule, seed, run in runs:
-    s = run.summary()
+  for rule, seed, run, s in finished:
     best = s.get("best_validation_accuracy", s.get("best_test_accuracy"))
     lines.append(f"| `{rule.label}` | {seed} | `{os.path.relpath(run.workdir, args.workdir)}` | {_pct(best)} | "
                  f"{s['wall_time_s']:.0f} |")
@@ -358,26 +354,25 @@ def write_results(args, fp_summary: dict, summaries: dict[str, list[dict]], runs
   return text
 
 
-def plot_all(args, runs) -> list[str]:
+def plot_all(args, finished: list) -> list[str]:
   """``curves_<rule>.png`` per rule and ``traces.png``; returns the paths written.
 
   Args:
     args: the parsed command line (``workdir``, ``bits``).
-    runs: the ``(rule, seed, run)`` triples of :func:`plan`; the traces use seed 0.
+    finished: ``(rule, seed, run, summary)`` of every run; the traces use seed 0.
 
   Returns:
     The paths of the PNG files written into ``args.workdir``.
   """
   plt = extras.pyplot()
   by_rule: dict[str, list] = {}
-  for rule, seed, run in runs:
-    by_rule.setdefault(rule.label, []).append((seed, run))
+  for rule, seed, run, summary in finished:   # each run's metrics read once, epochs from its summary
+    records = reporting.read_metrics(os.path.join(run.workdir, "metrics.jsonl"))
+    by_rule.setdefault(rule.label, []).append((rule, seed, records, summary["train_steps"] / summary["epochs"]))
   written = []
   for label, members in by_rule.items():
     fig, ax = plt.subplots(figsize=(6, 4))
-    for seed, run in members:
-      records = reporting.read_metrics(os.path.join(run.workdir, "metrics.jsonl"))
-      steps_per_epoch = run.summary()["train_steps"] / run.summary()["epochs"]
+    for _, seed, records, steps_per_epoch in members:
       for split in ("validation", "test"):
         points = [(r["step"] / steps_per_epoch, 100 * r["accuracy"]) for r in records
                   if r.get("split") == split and "accuracy" in r]
@@ -392,11 +387,9 @@ def plot_all(args, runs) -> list[str]:
     plt.close(fig)
     written.append(path)
   fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-  for rule, seed, run in runs:
+  for rule, seed, records, steps_per_epoch in (m for members in by_rule.values() for m in members):
     if seed != 0:
       continue
-    records = reporting.read_metrics(os.path.join(run.workdir, "metrics.jsonl"))
-    steps_per_epoch = run.summary()["train_steps"] / run.summary()["epochs"]
     train = [r for r in records if r.get("split") == "train"]
     if rule.backward == "pege":
       for ax, key in zip(axes[:2], ("rate", "mu")):
@@ -457,7 +450,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   try:
     for spec in args.rules:
       parse_rule(spec)
-    _parse_sets(args.set)
+    _key_values(args.set, "--set ")
   except ValueError as e:
     parser.error(str(e))
   if len(set(args.rules)) != len(args.rules):
@@ -493,11 +486,9 @@ def main(argv: list[str] | None = None) -> int:
   except RuntimeError as e:
     print(f"[compare] {e}", file=sys.stderr)
     return 1
-  summaries: dict[str, list[dict]] = {}
-  for (rule, _, _), summary in zip(runs, summaries_in_order):
-    summaries.setdefault(rule.label, []).append(summary)
-  text = write_results(args, fp_summary, summaries, runs)
-  plot_all(args, runs)
+  finished = [(rule, seed, run, summary) for (rule, seed, run), summary in zip(runs, summaries_in_order)]
+  text = write_results(args, fp_summary, finished)
+  plot_all(args, finished)
   print(text)
   print(f"[compare] wrote {os.path.join(args.workdir, 'results.md')} and plots", flush=True)
   return 0
