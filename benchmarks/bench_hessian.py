@@ -96,7 +96,8 @@ def main():
           else functools.partial(initialization.warm_start, model, fp_variables))
   variables = jax.jit(init)(jax.random.key(0), batches[0]["image"])
   tx = training.make_optimizer(config, 1000)
-  train_step, _ = training.make_steps(model, tx, config, mesh, 1000)
+  train_step, _ = training.make_steps(model, tx, config, mesh, 1000,
+                                     initialization.rules_in_use(model, batches[0]["image"]))
   copy = lambda tree: jax.tree.map(jnp.copy, tree)       # the train step donates its state
   state = {"s": training.TrainState(step=jnp.zeros((), jnp.int32), params=copy(variables["params"]),
                                     batch_stats=copy(variables["batch_stats"]),

@@ -30,7 +30,8 @@ def make_case(backward: str | None, batch: dict, mesh, steps: int = 1000, conv_i
   config.conv_impl = conv_impl
   model = training.build_model(config, 10)
   tx = training.make_optimizer(config, steps)
-  train_step, _ = training.make_steps(model, tx, config, mesh, steps)
+  train_step, _ = training.make_steps(model, tx, config, mesh, steps,
+                                     initialization.rules_in_use(model, batch["image"]))
   variables = jax.jit(lambda k, x: initialization.init_variables(model, k, x))(jax.random.key(0), batch["image"])
   state = training.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                               batch_stats=variables["batch_stats"], quant_state=variables.get("quant_state", {}),

@@ -160,11 +160,11 @@ def task_loss(logits, labels):
   return cross_entropy(logits, labels)[0]
 
 
-def make_steps(model, tx, config, mesh, total_steps: int):
+def make_steps(model, tx, config, mesh, total_steps: int, rules_in_use):
   """Jitted train and eval steps.
 
   The per-step context (mu_T, p_T, the replacement key) follows the rules the layers resolve to
-  for the batch's shape (:func:`ewgs_jax.initialization.rules_in_use`), decided at trace time.
+  (``rules_in_use``, from :func:`ewgs_jax.initialization.rules_in_use`), not ``quant.backward``.
 
   Args:
     model: the model.
@@ -172,16 +172,16 @@ def make_steps(model, tx, config, mesh, total_steps: int):
     config: the run's config.
     mesh: the device mesh.
     total_steps: the run's length (the schedules' ramps are fractions of it).
+    rules_in_use: names of the backward rules some layer of ``model`` resolves to.
 
   Returns:
     ``(train_step(state, batch, key) -> (state, metrics), eval_step(state, batch) -> sums)``.
   """
   replicated, batch_sharded = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  rate_fn, mu_fn = pege_schedules(config, total_steps, rules_in_use)
+  replaces = any(estimators.get_rule(name).replacement for name in rules_in_use)
 
   def train_step(state: TrainState, batch, key):
-    in_use = initialization.rules_in_use(model, jax.ShapeDtypeStruct(batch["image"].shape, batch["image"].dtype))
-    rate_fn, mu_fn = pege_schedules(config, total_steps, in_use)
-    replaces = any(estimators.get_rule(name).replacement for name in in_use)
     rate, mu = rate_fn(state.step), mu_fn(state.step)
     ctx = layers.QuantContext(mu=mu, rate=rate, key=jax.random.fold_in(key, state.step) if replaces else None)
 
@@ -340,7 +340,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
   resuming = bool(checkpoints.committed_steps(workdir))
   fp_variables = None if resuming else warm_start_source(config, workdir)
   tx = make_optimizer(config, total_steps)
-  train_step, eval_step = make_steps(model, tx, config, mesh, total_steps)
+  train_step, eval_step = make_steps(model, tx, config, mesh, total_steps, rules_in_use)
   replicated = parallel.replicated(mesh)
   init_key, step_key, delta_key = jax.random.split(jax.random.key(config.seed), 3)
   if config.pege.rng_impl != "threefry2x32":   # replacement masks from a cheaper PRNG (one per element per step)
