@@ -25,8 +25,6 @@ import jax.numpy as jnp
 from ewgs_jax import ops
 from ewgs_jax.layers import QuantConfig
 
-NHWC = ("NHWC", "HWIO", "NHWC")
-
 
 def _codes(x, lower, upper, bits: int) -> np.ndarray:
   n = 2 ** bits - 1

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from ewgs_jax import export, initialization, layers
+from ewgs_jax import export, initialization, layers, ops
 from ewgs_jax.layers import QuantConfig, QuantConv, QuantizerSpec
 
 
@@ -48,7 +48,7 @@ def test_integer_codes_convolution_is_exact_and_uses_no_convolution_op(strides, 
   # exact reference in float64 (every partial sum is an integer below 2^53)
   ref = lambda lhs, rhs: np.asarray(jax.lax.conv_general_dilated(
       np.asarray(lhs, np.float32), np.asarray(rhs, np.float32), strides, padding,
-      dimension_numbers=export.NHWC, feature_group_count=groups, precision="highest"), np.float64)
+      dimension_numbers=ops.NHWC, feature_group_count=groups, precision="highest"), np.float64)
   np.testing.assert_array_equal(acc, np.round(ref(a, w)).astype(np.int64))
   np.testing.assert_array_equal(count, np.round(ref(a, np.ones_like(w))).astype(np.int64))
   assert acc.dtype == count.dtype == np.int32
