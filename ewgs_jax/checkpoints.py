@@ -112,14 +112,15 @@ def preemption_requested() -> bool:
 class CheckpointKeeper:
   """Saves/restores ``(state, extra)`` under ``workdir/checkpoints``: last N plus the best."""
 
-  def __init__(self, workdir: str, max_to_keep: int = 2, best_metric: str = "test_accuracy",
+  def __init__(self, workdir: str, max_to_keep: int = 2, best_metric: str = "eval_accuracy",
                keep_best: bool = True):
     """``max_to_keep`` latest steps are kept, plus (``keep_best``) the step with the highest
-    ``metrics[best_metric]`` among those saved with metrics (orbax's ``BestN`` with ``n=1``)."""
+    ``metrics[best_metric]`` among those saved with metrics (orbax's ``BestN`` with ``n=1``).
+    Checkpoints written before 0.2.0 stored the same value as ``test_accuracy``."""
     self.best_metric = best_metric
     keep = [policies.LatestN(max_to_keep)]
     if keep_best:
-      keep.append(policies.BestN(get_metric_fn=lambda m: m[best_metric], reverse=False, n=1,
+      keep.append(policies.BestN(get_metric_fn=lambda m: m.get(best_metric, m.get("test_accuracy")), reverse=False, n=1,
                                  keep_checkpoints_without_metrics=False))
     preservation = policies.AnyPreservationPolicy(keep)
     options = ocp.CheckpointManagerOptions(preservation_policy=preservation, create=True)
