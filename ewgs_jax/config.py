@@ -259,7 +259,7 @@ def _choice(name: str, value, choices) -> None:
   if value not in choices:
     close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ValueError(f"config.{name}={value!r} is invalid{hint}; valid choices: {list(choices)}")
+    raise ValueError(f"config.{name}={value!r} is invalid; valid choices: {list(choices)}{hint}")
 
 
 def _positive_int(config, name: str) -> None:

@@ -93,6 +93,7 @@ class QAT:
     if len(impls) > 1:
       raise ValueError(f"the rules in use ask for different replacement PRNGs {sorted(impls)}; choose one")
     self.key_impl = impls.pop() if impls else "threefry2x32"
+    self._nnx_losses: dict[Any, Callable] = {}
 
   # --- inside the jitted step ---------------------------------------------------------------------
 
@@ -170,10 +171,8 @@ class QAT:
     nnx_model = _nnx_module(state)
     if nnx_model is not None:
       from flax import nnx
-      graphdef, pure = nnx.split(nnx_model)
-      user_loss = loss_fn
-      loss_fn = lambda s, batch: user_loss(nnx.merge(graphdef, s), batch)   # noqa: E731
-      state = pure
+      graphdef, state = nnx.split(nnx_model)
+      loss_fn = self._nnx_loss(loss_fn, graphdef)
     key = jax.random.key(0) if key is None else key
     metrics: dict[str, float] = {}
     for i, d in enumerate(due):
@@ -192,6 +191,22 @@ class QAT:
       nnx.update(nnx_model, state)
       return nnx_model, metrics
     return state, metrics
+
+
+  def _nnx_loss(self, loss_fn: Callable, graphdef: Any) -> Callable:
+    """``loss_fn(model, batch)`` as a loss of the model's pure state, one function per (loss, graph) so
+    that the actions compile once."""
+    key = (loss_fn, graphdef)
+    if key not in self._nnx_losses:
+      from flax import nnx
+
+      def loss(state, batch):
+        # fresh Variable objects at the trace level the loss runs at (inside the Hessian's grad/linearize):
+        # NNX refuses to mutate (RNG counts) a Variable made at another level; the leaves stay the same objects
+        return loss_fn(nnx.merge(graphdef, jax.tree.map(lambda leaf: leaf, state)), batch)
+
+      self._nnx_losses[key] = loss
+    return self._nnx_losses[key]
 
 
 def _nnx_module(state: Any):

@@ -207,7 +207,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     evaluate_every = steps_per_epoch * config.eval_every_epochs
     preempted = False
     while step < total_steps:
-      if qat is not None and (pending := [d for d in qat.due(step) if history["actions_done"].get(d.name) != step]):
+      pending = [d for d in qat.due(step) if history["actions_done"].get(d.name) != step] if qat is not None else []
+      if pending:
         with timer.paused() as pause:
           progress.message(f"step {step}: {', '.join(d.action.describe or d.name for d in pending)} ...")
           variables, results = qat.run_due(
@@ -221,7 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               history["actions_done"][d.name] = step
               books.snapshot(state.variables(), step, step / steps_per_epoch, d.name)
         progress.message(f"step {step}: done in {pause['seconds']:.1f} s")
-      stop = checkpoints.preemption_requested()   # e.g. during a long action: save before training on
+      stop = bool(pending) and checkpoints.preemption_requested()   # during a long action: save, do not train on
       trained = not stop
       if trained:
         state, measurements = train_step(state, parallel.shard_batch(next(train_iter), mesh), step_key)

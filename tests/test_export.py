@@ -27,12 +27,12 @@ def test_integer_forward_matches_fake_quantized_layer(bits):
 
 def test_export_model_finds_every_interval_layer():
   from ewgs_jax import models
-  quant = QuantConfig(rules=(("stage3", {"bits": 4}),))
+  quant = QuantConfig(overrides=(("stage3", {"bits": 4}),))
   model = models.get_model("resnet8", num_classes=10, quant=quant)
   x = jax.random.normal(jax.random.key(3), (4, 8, 8, 1))
   v = jax.jit(lambda k, x: initialization.init_variables(model, k, x))(jax.random.key(4), x)
   exported = export.export_model(quant, jax.tree.map(np.asarray, v["params"]))
-  assert sorted(exported) == initialization.quantizable_layers(model, x)
+  assert sorted(exported) == sorted(initialization.layer_report(model, x).quantized())
   assert exported["stage3_block0/conv1"]["weight_codes"].max() <= 15
   assert exported["stage1_block0/conv1"]["weight_codes"].max() <= 3
 

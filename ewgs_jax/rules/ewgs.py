@@ -99,7 +99,7 @@ class DeltaRefresh:
     return refresh_due(self.settings["mode"], clock.step, clock.steps_per_epoch, self.settings["every_epochs"])
 
   def _estimate(self, loss_fn, state, batch, quantizers):
-    key = (loss_fn, jax.tree.structure(state), tuple((np.shape(x), np.result_type(x).str)
+    key = (loss_fn, jax.tree.structure(state), tuple((np.shape(x), str(getattr(x, "dtype", type(x))))
                                                       for x in jax.tree.leaves(batch)))
     if key not in self._estimates:
       s = self.settings

@@ -85,6 +85,10 @@ def _schedule(settings: Mapping[str, Any], what: str, total_steps: int) -> Calla
   table = schedules.RATE_SCHEDULES if what == "rate" else schedules.MU_SCHEDULES
   if ramp > 0:
     wanted = RAMP_KEYS[what][kind]
+    paced = sorted({"k", "transition_steps"} & set(given))   # the pace of the per-step form: the ramp sets it
+    if paced:
+      raise ValueError(f"config.pege.{what}_kwargs.{paced[0]} sets the per-step pace, which {what}_ramp={ramp} "
+                       f"replaces; drop it, or set --config.pege.{what}_ramp=0 to use it")
   else:
     wanted = tuple(inspect.signature(table[kind]).parameters)
   missing = [name for name in wanted if name not in given]
