@@ -10,10 +10,12 @@ runs are skipped, unfinished ones resume from their checkpoints). It then writes
   warm start, data order and initialisation, so they are paired), its 95 % confidence interval and
   a paired t-test.
 * ``curves_<rule>.png``: accuracy against the epoch, one line per seed.
-* ``traces.png``: the PEGE replacement rate p_T and mu_T, and the EWGS delta (mean over the
-  weight and the activation quantizers at each refresh), against the epoch.
+* ``traces.png``: the metrics each rule declares worth plotting (:class:`ewgs_jax.rules.Trace`): PEGE's
+  replacement rate p_T and mu_T, EWGS's mean delta over the weight and the activation quantizers at
+  each refresh, ..., against the epoch.
 
-Rules are ``ste``, ``ewgs``, ``pege`` or any of them with config overrides, e.g.
+Rules are any registered rule (:data:`ewgs_jax.rules.RULES`: ``ste``, ``ewgs``, ``pege``, a user's),
+each optionally with config overrides, e.g.
 ``pege:pege.mu_kwargs.mu_max=0.1,pege.mu_ramp=0.2`` (the label of that rule is the whole string).
 With ``--validation N`` the runs hold out N training examples and are judged on them; the test
 split is evaluated once at the end and reported beside, for choosing nothing (how the defaults were
@@ -33,7 +35,7 @@ import subprocess
 import sys
 import time
 
-from ewgs_jax import extras, names, reporting
+from ewgs_jax import extras, reporting, rules
 
 # Every run goes through the training command line as a module of this very package, so that compare
 # works from an installed wheel as from a checkout (the child is given this package's parent directory
@@ -41,7 +43,6 @@ from ewgs_jax import extras, names, reporting
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_COMMAND = (sys.executable, "-m", "ewgs_jax.train")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")   # ewgs_jax/configs
-BASE_RULES = ("ste", "ewgs", "pege")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +61,8 @@ PRESETS = {
         config="fashion_mnist_resnet20",
         common={"model": "resnet8", "model_kwargs.stage_widths": (16, 32), "batch_size": 128,
                 "eval_batch_size": 1000, "train_examples": 20000, "log_every_steps": 26,
-                "keep_checkpoints": 1, "progress_bar": False, "delta.batch_size": 128,
-                "delta.num_batches": 1, "delta.max_samples": 10, "delta.every_epochs": 1},
+                "keep_checkpoints": 1, "progress_bar": False, "ewgs.batch_size": 128,
+                "ewgs.num_batches": 1, "ewgs.max_samples": 10, "ewgs.every_epochs": 1},
         fp={"num_epochs": 10}, qat={"num_epochs": 3},
         about="ResNet-8 (stages 16, 32) on 20,000 Fashion-MNIST training images, batch 128; FP 10 epochs, "
               "QAT 3 epochs; EWGS delta from the Hessian every epoch (1 batch, <= 10 samples)"),
@@ -75,35 +76,35 @@ PRESETS = {
         config="quickstart",
         common={"model_kwargs.stage_widths": (8,), "batch_size": 64, "eval_batch_size": 360,
                 "log_every_steps": 2, "keep_checkpoints": 1, "progress_bar": False, "data_workers": 1,
-                "delta.batch_size": 64, "delta.num_batches": 1, "delta.max_samples": 2,
-                "delta.every_epochs": 1, "validation_examples": 0},
+                "ewgs.batch_size": 64, "ewgs.num_batches": 1, "ewgs.max_samples": 2,
+                "ewgs.every_epochs": 1, "validation_examples": 0},
         fp={"num_epochs": 1, "num_train_steps": 8}, qat={"num_epochs": 2, "num_train_steps": 6},
         about="one-stage ResNet-8 (8 channels) on the bundled digits; a few steps (tests)"),
 }
 
 
 @dataclasses.dataclass(frozen=True)
-class Rule:
-  """A backward rule plus config overrides; ``label`` names its runs."""
+class RuleSpec:
+  """A backward rule (its registered name) plus config overrides; ``label`` names its runs."""
   label: str
-  backward: str
+  rule: str
   overrides: dict
 
 
-def parse_rule(spec: str) -> Rule:
-  """``NAME`` or ``NAME:key=value,key=value`` with NAME in ste | ewgs | pege.
+def parse_rule(spec: str) -> RuleSpec:
+  """``NAME`` or ``NAME:key=value,key=value`` with NAME a registered rule (:data:`ewgs_jax.rules.RULES`).
 
   Args:
     spec: the rule as given on the command line, e.g. ``"pege:pege.mu_ramp=0.2"``.
 
   Returns:
-    A :class:`Rule` labelled ``spec`` with the backward rule ``NAME`` and the overrides as strings;
+    A :class:`RuleSpec` labelled ``spec`` with the rule ``NAME`` and the overrides as strings;
     raises ``ValueError`` for an unknown name or an item that is not ``key=value``.
   """
   name, _, rest = spec.partition(":")
-  if name not in BASE_RULES:
-    raise ValueError(f"unknown rule {spec!r}; rules are {list(BASE_RULES)}, optionally with ':key=value,...'")
-  return Rule(spec, name, _key_values(filter(None, rest.split(",")), f"rule {spec!r}: "))
+  if name not in rules.RULES:
+    raise ValueError(f"unknown rule {spec!r}; rules are {list(rules.RULES)}, optionally with ':key=value,...'")
+  return RuleSpec(spec, name, _key_values(filter(None, rest.split(",")), f"rule {spec!r}: "))
 
 
 def _slug(text: str) -> str:
@@ -136,7 +137,7 @@ class Run:
     return None if summary.get("preempted") else summary
 
 
-def plan(args) -> tuple[Run, list[tuple[Rule, int, Run]]]:
+def plan(args) -> tuple[Run, list[tuple[RuleSpec, int, Run]]]:
   """The full-precision run and every (rule, seed, run) of the comparison.
 
   Args:
@@ -158,9 +159,9 @@ def plan(args) -> tuple[Run, list[tuple[Rule, int, Run]]]:
   runs = []
   for spec in args.rules:
     rule = parse_rule(spec)
-    variant = f"w{args.bits}a{args.bits}_{rule.backward}"
+    variant = f"w{args.bits}a{args.bits}_{rule.rule}"
     for seed in range(args.seeds):
-      workdir = os.path.join(args.workdir, "runs", _slug(f"{variant}{spec[len(rule.backward):]}"), f"seed{seed}")
+      workdir = os.path.join(args.workdir, "runs", _slug(f"{variant}{spec[len(rule.rule):]}"), f"seed{seed}")
       overrides = {**preset.common, **preset.qat, **sets, **qat_sets, **rule.overrides, "seed": seed,
                    "init_from": fp_dir}
       runs.append((rule, seed, Run(f"{spec} seed {seed}", workdir, f"{config_path}:{variant}", overrides)))
@@ -347,7 +348,7 @@ def write_results(args, fp_summary: dict, finished: list) -> str:
     lines.append(f"| `{rule.label}` | {seed} | `{os.path.relpath(run.workdir, args.workdir)}` | {_pct(best)} | "
                  f"{s['wall_time_s']:.0f} |")
   lines += ["", "Plots: `curves_<rule>.png` (accuracy per epoch, one line per seed), `traces.png` "
-            "(p_T, mu_T, mean delta per refresh).", ""]
+            "(the traces the rules declare: p_T and mu_T for PEGE, the mean delta per refresh for EWGS).", ""]
   text = "\n".join(lines)
   with open(os.path.join(args.workdir, "results.md"), "w") as f:
     f.write(text)
@@ -386,26 +387,20 @@ def plot_all(args, finished: list) -> list[str]:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     written.append(path)
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-  for rule, seed, records, steps_per_epoch in (m for members in by_rule.values() for m in members):
-    if seed != 0:
-      continue
-    train = [r for r in records if r.get("split") == "train"]
-    if rule.backward == "pege":
-      for ax, key in zip(axes[:2], ("rate", "mu")):
-        ax.plot([r["step"] / steps_per_epoch for r in train], [r[key] for r in train], label=rule.label)
-    refreshes = [r for r in records if r.get("split") == "quantizers" and r.get("reason", "delta_refresh") == "delta_refresh"]
-    if rule.backward == "ewgs" and refreshes:
-      for kind in names.DELTA_NAMES:
-        means = [sum(q[kind] for q in r["quantizers"].values() if kind in q) /
-                 max(1, sum(kind in q for q in r["quantizers"].values())) for r in refreshes]
-        axes[2].plot([r["step"] / steps_per_epoch for r in refreshes], means, marker="o", label=f"{rule.label} {kind}")
-  for ax, title, ylabel in zip(axes, ("PEGE replacement rate p_T", "PEGE mu_T", "EWGS delta (mean over layers)"),
-                               ("p_T", "mu_T (config units)", "delta")):
-    ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+  traces = list({t.metric: t for members in by_rule.values() for rule, *_ in members[:1]
+                 for t in rules.get(rule.rule).traces}.values())   # what each rule declares worth plotting
+  fig, axes = plt.subplots(1, max(len(traces), 1), figsize=(5 * max(len(traces), 1), 4), squeeze=False)
+  for ax, trace in zip(axes[0], traces):
+    for rule, seed, records, steps_per_epoch in (m for members in by_rule.values() for m in members):
+      points = [(r["step"] / steps_per_epoch, r[trace.metric]) for r in records if trace.metric in r]
+      if seed == 0 and points:
+        ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=rule.label)
+    ax.set(title=trace.title, xlabel="epoch", ylabel=trace.ylabel)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=8)
+  if not traces:
+    axes[0][0].set(title="no rule in this comparison declares a trace")
   fig.tight_layout()
   path = os.path.join(args.workdir, "traces.png")
   fig.savefig(path, dpi=100)
@@ -428,7 +423,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog="python -m ewgs_jax.compare", description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True, help="where the runs, results.md and plots go")
   parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-  parser.add_argument("--rules", nargs="+", default=list(BASE_RULES), help="rules, e.g. ste ewgs 'pege:pege.mu_ramp=0.2'")
+  parser.add_argument("--rules", nargs="+", default=list(rules.RULES),
+                      help="rules, e.g. ste ewgs 'pege:pege.mu_ramp=0.2' (default: every registered rule)")
   parser.add_argument("--seeds", type=int, default=3, help="seeds per rule (0 .. N-1)")
   parser.add_argument("--bits", type=int, default=2, help="weight and activation bits (W{b}A{b})")
   parser.add_argument("--fp-seed", type=int, default=0, help="seed of the full-precision run")
