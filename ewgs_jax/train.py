@@ -4,7 +4,7 @@ The same command line as ``python -m ewgs_jax.train`` and, in a checkout, ``pyth
 ``CONFIG`` is a config file (``configs/cifar10_resnet20.py``) or the name of a config shipped in the
 package (``cifar10_resnet20``, ``fashion_mnist_resnet20``, ``imagenet_resnet18``, ``quickstart``;
 :mod:`ewgs_jax.configs`), so ``pip install ewgs_jax`` alone runs every paper configuration.
-Any config key can be overridden on the command line, e.g. ``--config.quant.backward=pege``;
+Any config key can be overridden on the command line, e.g. ``--config.quant.rule=pege``;
 ``--config_keys`` lists every key with its default and meaning.
 Re-running the same command resumes from the latest checkpoint in ``--workdir``.
 

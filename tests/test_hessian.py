@@ -220,16 +220,16 @@ def test_refresh_only_writes_delta(setup):
 
 
 def test_refresh_writes_deltas_wherever_the_state_keeps_them(setup):
-  """The state is any pytree: here the variables nested in a user's own train state (a tuple)."""
+  """The state is any pytree: here the variables nested in a user's own train state (a tuple with a step)."""
   models, batch = setup
   model, variables = models["ewgs"]
   loss_fn = classification_loss(model)
   action = ewgs_rule.DeltaRefresh(rules.get("ewgs").resolve({"max_samples": 5}))
-  state = ("step 10", {"model": variables})
+  state = (jnp.int32(10), {"model": variables})
   clock = rules.Clock(10, 10, 100)
   new, _ = action(rules.ActionInput(clock, state, lambda s, b: loss_fn(s[1]["model"], b), [batch], jax.random.key(0),
                                     lambda: False))
-  assert new[0] == "step 10"
+  assert int(new[0]) == 10
   assert not np.allclose(jax.tree.leaves(new[1]["model"]["quant_state"]), 2.0)
   jax.tree.map(np.testing.assert_array_equal, new[1]["model"]["params"], variables["params"])
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import ewgs_jax as ej
-from ewgs_jax import estimators, quantizers, testing
+from ewgs_jax import estimators, quantizers, rules, testing
 from ewgs_jax.quantizers import lsq_range
 
 

@@ -64,7 +64,7 @@ def test_config_keys_are_listed_with_defaults_and_meanings():
   process = train_py("--config_keys")
   out, _ = finish(process)
   assert process.returncode == 0
-  assert any(line.startswith("quant.backward = 'ewgs'") and "ste | ewgs | pege" in line for line in out.splitlines())
+  assert any(line.startswith("quant.rule = 'ewgs'") and "ste | ewgs | pege" in line for line in out.splitlines())
   help_text, _ = finish(train_py("--help"))
   assert "--config_keys" in help_text
 
