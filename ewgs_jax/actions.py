@@ -9,13 +9,14 @@ order, each when :func:`due`.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
 
-from ewgs_jax import names, parallel, reporting
+from ewgs_jax import checkpoints, names, parallel, reporting
 
 DIVERGED_LOSS_FACTOR = 100.0   # a training loss above this many times chance level (ln C) has diverged
 
@@ -191,3 +192,42 @@ def evaluator(eval_step: Callable, batches: Callable[[str], Iterable[dict]], mes
       totals += [out["loss_sum"], out["correct"], out["count"]]
     return {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2]}
   return evaluate
+
+
+def run_rule_actions(qat, state, step: int, books: Bookkeeper, timer: reporting.RunTimer, *, loss_fn: Callable,
+                     key, batches: Callable, mesh) -> tuple[Any, bool]:
+  """Runs the rules' actions due before ``step`` (EWGS's delta refresh) through the public QAT API,
+  as a pause of the training clock; each finished action is logged, snapshotted and remembered in
+  the history (so a resume at the same step does not run it again).
+
+  Args:
+    qat: the rules' machinery (``None``: full precision, nothing to do).
+    state: the training state.
+    step: the number of steps done.
+    books: the bookkeeper (history, writer, progress).
+    timer: the run's clocks.
+    loss_fn: ``loss_fn(variables, batch)``: the training loss without the per-step context.
+    key: the run's action key (folded with the step).
+    batches: ``batches(step, due_action) -> iterable`` of sharded batches.
+    mesh: the device mesh (the new rule state is replicated on it).
+
+  Returns:
+    ``(state, whether an action was due)``.
+  """
+  history = books.history
+  pending = [d for d in qat.due(step) if history["actions_done"].get(d.name) != step] if qat is not None else []
+  if not pending:
+    return state, False
+  with timer.paused() as pause:
+    books.progress.message(f"step {step}: {', '.join(d.action.describe or d.name for d in pending)} ...")
+    variables, results = qat.run_due(step, state.variables(), loss_fn, functools.partial(batches, step),
+                                     jax.random.fold_in(key, step), stop=checkpoints.preemption_requested,   # polled
+                                     skip=[d.name for d in qat.actions if d not in pending])
+    state = state.replace(quant_state=parallel.replicate(variables[names.QUANT_STATE], mesh))
+    books.writer.write(step, "qat", results)
+    for d in pending:
+      if results.get(d.name):
+        history["actions_done"][d.name] = step
+        books.snapshot(state.variables(), step, step / qat.steps_per_epoch, d.name)
+  books.progress.message(f"step {step}: done in {pause['seconds']:.1f} s")
+  return state, True

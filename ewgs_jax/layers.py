@@ -232,6 +232,13 @@ def _unsupported(module: nn.Module, **given) -> None:
         "the quantizers need the layer's own convolution / matmul")
 
 
+def _own_matmul_only(module: nn.Module) -> None:
+  """Fails naming a custom ``dot_general(_cls)`` or ``promote_dtype``: the quantizers need the layer's own product."""
+  _unsupported(module, dot_general=(getattr(module, "dot_general", None), lambda v: v is None),
+               dot_general_cls=(getattr(module, "dot_general_cls", None), lambda v: v is None),
+               promote_dtype=(module.promote_dtype, lambda v: v is None or v is nn.dtypes.promote_dtype))
+
+
 _SPATIAL = {1: "W", 2: "HW", 3: "DHW"}
 
 
@@ -347,9 +354,7 @@ class QuantDense(_Quantized):
 
   @nn.compact
   def __call__(self, x: Array, ctx: QuantContext | None = None) -> Array:
-    _unsupported(self, dot_general=(self.dot_general, lambda v: v is None),
-                 dot_general_cls=(self.dot_general_cls, lambda v: v is None),
-                 promote_dtype=(self.promote_dtype, lambda v: v is None or v is nn.dtypes.promote_dtype))
+    _own_matmul_only(self)
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
     dtype = self.dtype if self.dtype is not None else jnp.result_type(x.dtype, self.param_dtype)
     x, kernel = x.astype(dtype), kernel.astype(dtype)
@@ -387,9 +392,7 @@ class QuantDenseGeneral(_Quantized):
 
   @nn.compact
   def __call__(self, x: Array, ctx: QuantContext | None = None) -> Array:
-    _unsupported(self, dot_general=(self.dot_general, lambda v: v is None),
-                 dot_general_cls=(self.dot_general_cls, lambda v: v is None),
-                 promote_dtype=(self.promote_dtype, lambda v: v is None or v is nn.dtypes.promote_dtype))
+    _own_matmul_only(self)
     features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
     axis, batch_dims = _axes(self.axis, x.ndim), _axes(self.batch_dims, x.ndim)
     if batch_dims and set(batch_dims) != set(range(max(batch_dims) + 1)):
@@ -441,7 +444,7 @@ class QuantEinsum(_Quantized):
 
   @nn.compact
   def __call__(self, x: Array, einsum_str: str | None = None, ctx: QuantContext | None = None) -> Array:
-    _unsupported(self, promote_dtype=(self.promote_dtype, lambda v: v is None or v is nn.dtypes.promote_dtype))
+    _own_matmul_only(self)
     einsum_str = nn.module.merge_param("einsum_str", self.einsum_str, einsum_str).replace(" ", "")
     if "->" not in einsum_str or einsum_str.count(",") != 1:
       raise ValueError(f"einsum_str {einsum_str!r} must be explicit ('->') with exactly two operands")

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ewgs_jax import names, parallel
+from ewgs_jax import initialization, names, parallel
 from ewgs_jax.layers import QuantContext
 from ewgs_jax.losses import cross_entropy
 from ewgs_jax.qat import QAT
@@ -213,7 +213,6 @@ def initial_state(model, tx, rng, images, fp_variables: dict | None = None) -> T
   Returns:
     The :class:`TrainState`.
   """
-  from ewgs_jax import initialization   # late: keeps this module's imports to the step's needs
   if fp_variables is None:
     variables = initialization.init_variables(model, rng, images)
   else:

@@ -21,7 +21,7 @@ import jax
 import ml_collections
 
 from ewgs_jax import actions, checkpoints, config as config_lib, data, hooks, initialization, models
-from ewgs_jax import names, parallel, reporting, steps
+from ewgs_jax import parallel, reporting, steps
 from ewgs_jax.actions import due
 from ewgs_jax.qat import QAT
 
@@ -207,22 +207,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     evaluate_every = steps_per_epoch * config.eval_every_epochs
     preempted = False
     while step < total_steps:
-      pending = [d for d in qat.due(step) if history["actions_done"].get(d.name) != step] if qat is not None else []
-      if pending:
-        with timer.paused() as pause:
-          progress.message(f"step {step}: {', '.join(d.action.describe or d.name for d in pending)} ...")
-          variables, results = qat.run_due(
-              step, state.variables(), action_loss, functools.partial(_action_batches, train_batches, config, mesh, step),
-              jax.random.fold_in(action_key, step), stop=checkpoints.preemption_requested,
-              skip=[d.name for d in qat.actions if d not in pending])
-          state = state.replace(quant_state=parallel.replicate(variables[names.QUANT_STATE], mesh))
-          writer.write(step, "qat", results)
-          for d in pending:
-            if results.get(d.name):
-              history["actions_done"][d.name] = step
-              books.snapshot(state.variables(), step, step / steps_per_epoch, d.name)
-        progress.message(f"step {step}: done in {pause['seconds']:.1f} s")
-      stop = bool(pending) and checkpoints.preemption_requested()   # during a long action: save, do not train on
+      state, acted = actions.run_rule_actions(qat, state, step, books, timer, loss_fn=action_loss, key=action_key,
+                                              batches=functools.partial(_action_batches, train_batches, config, mesh),
+                                              mesh=mesh)
+      stop = acted and checkpoints.preemption_requested()   # during a long action: save, do not train on
       trained = not stop
       if trained:
         state, measurements = train_step(state, parallel.shard_batch(next(train_iter), mesh), step_key)
@@ -253,40 +241,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         break
     books.flush()
     jax.block_until_ready(state)
-    timing = timer.totals(step)
     keeper.wait_until_finished()
     progress.close()
 
-    # --- Summary and plots. With a validation split, the run is judged (best checkpoint, curves) ---
-    # on it; the test split is evaluated once at the end, to be reported, never to choose anything.
-    final = evaluate(state, subset.eval_split) if not preempted else {}
-    name = subset.eval_split
-    summary = {
-        f"final_{name}_accuracy": final.get("accuracy"),
-        f"final_{name}_loss": final.get("loss"),
-        f"best_{name}_accuracy": max(history["best_eval_accuracy"], final.get("accuracy", 0.0)),
-        "train_steps": step,
-        "epochs": step / steps_per_epoch,
-        "wall_time_s": timing["wall_time_s"],
-        "train_images_per_s": reporting.RunTimer.images_per_s(timing),
-        "preempted": preempted,
-        "eval_split": name,
-        "device": f"{jax.devices()[0].platform} {jax.devices()[0].device_kind} x {jax.device_count()}",
-        "rule_actions": {d.name: sum(s.get("reason") == d.name for s in history["snapshots"])
-                         for d in (qat.actions if qat is not None else ())},
-        "quantizers": {layer: {"bits": _layer_bits(report, layer), **values}
-                       for layer, values in actions.quantizer_snapshot(state.variables()).items()},
-        "config": config.to_dict(),
-    }
-    if name != "test":
-      test = evaluate(state, "test") if not preempted else {}
-      summary.update(final_test_accuracy=test.get("accuracy"), final_test_loss=test.get("loss"))
+    # --- Summary and plots. ---
+    summary = _summary(config, step, steps_per_epoch, timer.totals(step), history, report, qat, state, preempted,
+                       lambda split: evaluate(state, split), subset.eval_split)
     if jax.process_index() == 0:
       reporting.write_summary(workdir, summary)
       reporting.write_plots(workdir, history["snapshots"], title=os.path.basename(os.path.normpath(workdir)))
       if not preempted:
         reporting.announce(reporting.final_message(workdir, summary))
     return summary
+
+
+def _summary(config, step: int, steps_per_epoch: int, timing: dict, history: dict, report, qat, state,
+             preempted: bool, evaluate, eval_split: str) -> dict:
+  """What ``summary.json`` holds. With a validation split, the run was judged (best checkpoint, curves)
+  on it; the test split is evaluated once here, to be reported, never to choose anything."""
+  final = evaluate(eval_split) if not preempted else {}
+  summary = {
+      f"final_{eval_split}_accuracy": final.get("accuracy"),
+      f"final_{eval_split}_loss": final.get("loss"),
+      f"best_{eval_split}_accuracy": max(history["best_eval_accuracy"], final.get("accuracy", 0.0)),
+      "train_steps": step,
+      "epochs": step / steps_per_epoch,
+      "wall_time_s": timing["wall_time_s"],
+      "train_images_per_s": reporting.RunTimer.images_per_s(timing),
+      "preempted": preempted,
+      "eval_split": eval_split,
+      "device": f"{jax.devices()[0].platform} {jax.devices()[0].device_kind} x {jax.device_count()}",
+      "rule_actions": {d.name: sum(s.get("reason") == d.name for s in history["snapshots"])
+                       for d in (qat.actions if qat is not None else ())},
+      "quantizers": {layer: {"bits": _layer_bits(report, layer), **values}
+                     for layer, values in actions.quantizer_snapshot(state.variables()).items()},
+      "config": config.to_dict(),
+  }
+  if eval_split != "test":
+    test = evaluate("test") if not preempted else {}
+    summary.update(final_test_accuracy=test.get("accuracy"), final_test_loss=test.get("loss"))
+  return summary
 
 
 def _action_batches(train_batches, config, mesh, step: int, d):
