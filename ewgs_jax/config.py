@@ -110,6 +110,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)
   c.distributed.num_processes = ml_collections.config_dict.placeholder(int)
   c.distributed.process_id = ml_collections.config_dict.placeholder(int)
+  c.distributed.heartbeat_timeout_seconds = 100   # a process silent this long is lost: the others stop (exit 75)
   return c
 
 

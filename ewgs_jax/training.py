@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 from ewgs_jax import checkpoints, config as config_lib, data, estimators, hessian, initialization, layers, models
-from ewgs_jax import names, parallel, reporting, schedules
+from ewgs_jax import names, parallel, reporting, schedules, workdir as workdir_guard
 from ewgs_jax.losses import cross_entropy
 
 log = logging.getLogger(__name__)
@@ -415,12 +415,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
       loss = float(m["loss"])
       if not math.isfinite(loss) or loss > diverged_loss:
         keeper.wait_until_finished()
-        last = keeper.latest_step()
-        kept = (f"The last good checkpoint (step {last}) in {workdir} is kept" if last is not None
-                else f"No checkpoint was saved in {workdir}")
         what = "non-finite training loss" if not math.isfinite(loss) else "training diverged: loss"
-        raise FloatingPointError(
-            f"{what} ({loss:.4g}) at step {at}; stopping. {kept}: lower the learning rate, or check the data.")
+        raise FloatingPointError(f"{what} ({loss:.4g}) at step {at}; stopping. Lower the learning rate, or check "
+                                 f"the data: {workdir_guard.config_change_advice(workdir)}")
     means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
     writer.write(pending[-1][0], "train", means)
     progress.update(pending[-1][0], loss=means["loss"], accuracy=means["accuracy"])
