@@ -416,8 +416,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
       if not math.isfinite(loss) or loss > diverged_loss:
         keeper.wait_until_finished()
         what = "non-finite training loss" if not math.isfinite(loss) else "training diverged: loss"
-        raise FloatingPointError(f"{what} ({loss:.4g}) at step {at}; stopping. Lower the learning rate, or check "
-                                 f"the data: {workdir_guard.config_change_advice(workdir)}")
+        advice = workdir_guard.config_change_advice(workdir, "lower the learning rate, or check the data")
+        raise FloatingPointError(f"{what} ({loss:.4g}) at step {at}; stopping. {advice}")
     means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
     writer.write(pending[-1][0], "train", means)
     progress.update(pending[-1][0], loss=means["loss"], accuracy=means["accuracy"])

@@ -297,24 +297,24 @@ def has_trained(workdir: str) -> bool:
   return os.path.exists(metrics) and os.path.getsize(metrics) > 0
 
 
-def config_change_advice(workdir: str) -> str:
-  """How to run a corrected config (lower learning rate, fixed data) after a failure in ``workdir``.
-
-  Matches what :func:`save_or_check_config` accepts: a workdir without a committed checkpoint takes
-  a changed config (the run starts again); one with checkpoints resumes only with its own config.
+def config_change_advice(workdir: str, fix: str) -> str:
+  """How to retry with a corrected config after a failure in ``workdir``, as :func:`save_or_check_config`
+  will accept it: a workdir without a committed checkpoint takes a changed config (the run starts
+  again); one with checkpoints resumes only with its own config.
 
   Args:
     workdir: the run's directory.
+    fix: what to correct, e.g. ``"lower the learning rate, or check the data"``.
 
   Returns:
-    A sentence for an error message.
+    One or two sentences for an error message, starting with a capital.
   """
   steps = checkpoints.committed_steps(workdir)
   if not steps:
-    return (f"no checkpoint was saved in {workdir}, so re-running with the corrected config there starts "
-            f"the run again")
-  return (f"the last good checkpoint (step {steps[-1]}) in {workdir} is kept; it resumes only with this "
-          f"run's config, so run a corrected config with a new --workdir")
+    return (f"No checkpoint was saved in {workdir}: {fix}, and re-run there (a workdir without a checkpoint "
+            f"takes a changed config and starts the run again)")
+  return (f"The last good checkpoint (step {steps[-1]}) in {workdir} is kept, and resumes only with this run's "
+          f"config: {fix} in a new --workdir")
 
 
 def _read_config(path: str, workdir: str) -> dict:

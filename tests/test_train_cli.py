@@ -206,3 +206,30 @@ def test_a_full_disk_outside_checkpoints_names_the_workdir(tmp_path):
   assert message == (f"no space left on device while writing in {tmp_path} ([Errno 28] No space left on device); "
                      "stopped. The last good checkpoint is none (nothing was saved yet): free some space and re-run "
                      "the same command to resume")
+
+
+SHORT_FP_RUN = """
+import sys
+sys.path.insert(0, {root!r})
+from tests.training_configs import small_config
+
+def get_config(arg=None):
+  return small_config({{"num_train_steps": 4, "quant.enabled": False, "delta.mode": "off"}}, variant="fp")
+"""
+
+
+def test_the_advice_after_a_divergence_is_what_the_workdir_accepts(tmp_path):
+  config = tmp_path / "fp.py"
+  config.write_text(textwrap.dedent(SHORT_FP_RUN.format(root=str(ROOT))))
+  workdir = tmp_path / "run"
+  diverging = train_py("--config", str(config), "--workdir", str(workdir), "--config.learning_rate=1e6")
+  _, err = finish(diverging)
+  assert diverging.returncode == 1 and len(err.strip().splitlines()) == 1, err[-3000:]
+  assert err.strip().endswith(f"stopping. No checkpoint was saved in {workdir}: lower the learning rate, or check the "
+                              "data, and re-run there (a workdir without a checkpoint takes a changed config and "
+                              "starts the run again)")
+  corrected = train_py("--config", str(config), "--workdir", str(workdir), "--config.learning_rate=1e-3")
+  _, err = finish(corrected)
+  assert corrected.returncode == 0, err[-3000:]
+  assert "learning_rate: 1000000.0 -> 0.001" in err and (workdir / "superseded" / "1" / "metrics.jsonl").exists()
+  assert checkpoints.committed_steps(str(workdir))[-1] == 4

@@ -45,9 +45,9 @@ def test_a_run_without_a_checkpoint_takes_a_corrected_config(tmp_path, caplog):
   (tmp_path / "events.out.tfevents.1.host.2").write_bytes(b"x")
   (tmp_path / checkpoints.WARM_START_FILE).write_bytes(b"from the old init_from")
   os.makedirs(tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-1")   # an unfinished save is no checkpoint
-  advice = workdir.config_change_advice(str(tmp_path))
-  assert advice == (f"no checkpoint was saved in {tmp_path}, so re-running with the corrected config there starts "
-                    "the run again")
+  assert workdir.config_change_advice(str(tmp_path), "lower the learning rate") == (
+      f"No checkpoint was saved in {tmp_path}: lower the learning rate, and re-run there (a workdir without a "
+      "checkpoint takes a changed config and starts the run again)")
   with caplog.at_level("WARNING"):
     workdir.save_or_check_config(str(tmp_path), {"learning_rate": 0.05, "seed": 0})
   assert "learning_rate: 0.5 -> 0.05" in caplog.text and "starting it again" in caplog.text
@@ -59,9 +59,9 @@ def test_a_run_without_a_checkpoint_takes_a_corrected_config(tmp_path, caplog):
   assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / checkpoints.WARM_START_FILE).exists()
   # With a checkpoint the advice changes, and so does the guard.
   commit_checkpoint(tmp_path, 6)
-  assert workdir.config_change_advice(str(tmp_path)) == (
-      f"the last good checkpoint (step 6) in {tmp_path} is kept; it resumes only with this run's config, so run a "
-      "corrected config with a new --workdir")
+  assert workdir.config_change_advice(str(tmp_path), "lower the learning rate") == (
+      f"The last good checkpoint (step 6) in {tmp_path} is kept, and resumes only with this run's config: lower the "
+      "learning rate in a new --workdir")
   with pytest.raises(ValueError, match="use a new --workdir"):
     workdir.save_or_check_config(str(tmp_path), {"learning_rate": 0.01, "seed": 0})
 
