@@ -124,9 +124,9 @@ class CheckpointKeeper:
     full = "No space left on device" in text or getattr(error, "errno", None) == errno.ENOSPC
     why = "No space left on device" if full else f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
     again = "resume" if _committed_steps(str(self.manager.directory)) else "start again"
-    fix = f"free some space and re-run the same command to {again}" if full else f"re-run the same command to {again}"
-    return CheckpointSaveError(f"saving a checkpoint in {self.manager.directory} failed ({why}); stopped. The last good "
-                               f"checkpoint is {self._last_good()}: {fix}")
+    fix = f"{'free some space and ' if full else ''}re-run the same command to {again}"
+    return CheckpointSaveError(f"saving a checkpoint in {self.manager.directory} failed ({why}); stopped. The last "
+                               f"good checkpoint is {self._last_good()}: {fix}")
 
   def _last_good(self) -> str:
     steps = [s for s in _committed_steps(str(self.manager.directory))]

@@ -137,9 +137,11 @@ def install_preemption_handler() -> None:
   """
   _STOP.update(requested=False, agreed=False, ctrl_c=0)
   handlers = {signal.SIGTERM: _on_sigterm, signal.SIGINT: _on_sigint}
-  if leaves_signals_to_jax():
+  if several_processes():
     log.info("several processes: SIGTERM is left to JAX's preemption service")
     handlers = {signal.SIGINT: _on_sigint_several_processes}
+  elif leaves_signals_to_jax():   # SIGTERM has a handler outside Python: left alone
+    del handlers[signal.SIGTERM]
   try:
     for signum, handler in handlers.items():
       _INSTALLED.setdefault(signum, signal.getsignal(signum))

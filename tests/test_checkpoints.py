@@ -60,7 +60,8 @@ def test_keeps_last_n_plus_best(tmp_path):
 
 
 def test_warm_start_copy_round_trip(tmp_path):
-  variables = {"params": {"conv": {"kernel": np.ones((2, 2), np.float32)}}, "batch_stats": {"bn": {"mean": np.zeros(2)}}}
+  variables = {"params": {"conv": {"kernel": np.ones((2, 2), np.float32)}},
+               "batch_stats": {"bn": {"mean": np.zeros(2)}}}
   assert checkpoints.load_warm_start(str(tmp_path)) is None
   checkpoints.save_warm_start(str(tmp_path), variables, source="runs/fp")
   jax.tree.map(np.testing.assert_array_equal, checkpoints.load_warm_start(str(tmp_path)), variables)

@@ -19,7 +19,8 @@ SHUTDOWN_BARRIER = """\
 E1202 13:37:16.472380    6662 coordination_service.cc:1520] Shutdown barrier in coordination service has failed:
 INTERNAL: Barrier failed because: task is set to ERROR: UNAVAILABLE: Task 3 heartbeat timeout. This indicates that \
 the remote task has failed
-F1202 13:37:16.473674    6673 client.h:80] Terminating process because the JAX distributed service detected fatal errors.
+F1202 13:37:16.473674    6673 client.h:80] Terminating process because the JAX distributed service detected fatal \
+errors.
 """
 COORDINATOR_GONE = """\
 F1202 13:43:18.780339   11606 client.h:80] Terminating process because the JAX distributed service detected fatal \

@@ -194,8 +194,9 @@ def test_a_really_full_disk_is_one_line(tmp_path):
   err = (tmp_path / "stderr").read_text()
   assert "rc=1" in out.stdout, out.stdout + out.stderr + err[-3000:]
   lines = err.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith(f"error: saving a checkpoint in {tmp_path}/disk/run/checkpoints failed "
-                                                  "(No space left on device); stopped. The last good checkpoint is step ")
+  assert len(lines) == 1 and lines[0].startswith(
+      f"error: saving a checkpoint in {tmp_path}/disk/run/checkpoints failed (No space left on device); stopped. The "
+      "last good checkpoint is step ")
   last = int(lines[0].split("checkpoint is step ")[1].split(":")[0])
   assert str(last) in out.stdout.split()   # the checkpoint it names is there, committed
 

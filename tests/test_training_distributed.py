@@ -49,7 +49,8 @@ def test_eight_devices_match_one_device(tmp_path, single_device_losses):
   eight = finish(run_in_subprocess(tmp_path / "eight", SHARDED_RUN,
                                    {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}))
   np.testing.assert_allclose(eight["losses"], single_device_losses, rtol=1e-4)
-  bad = run_in_subprocess(tmp_path / "bad", {"batch_size": 60}, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  bad = run_in_subprocess(tmp_path / "bad", {"batch_size": 60},
+                          {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
   _, err = bad.communicate(timeout=300)
   assert bad.returncode != 0 and "batch size 60 is not divisible by the device count 8" in err
 
