@@ -234,3 +234,15 @@ def test_the_advice_after_a_divergence_is_what_the_workdir_accepts(tmp_path):
   assert corrected.returncode == 0, err[-3000:]
   assert "learning_rate: 1000000.0 -> 0.001" in err and (workdir / "superseded" / "1" / "metrics.jsonl").exists()
   assert checkpoints.committed_steps(str(workdir))[-1] == 4
+
+
+def test_an_abort_says_how_many_ctrl_c_presses_it_saw(tmp_path, monkeypatch):
+  from ewgs_jax import train
+  monkeypatch.setattr(workdir_guard, "ctrl_c_presses", lambda: 0)   # Ctrl-C before the handler was installed
+  assert train._aborted_message(str(tmp_path)) == (
+      f"aborted (Ctrl-C), without saving; the last checkpoint in {tmp_path} is none (nothing was saved yet): re-run "
+      "the same command to resume")
+  monkeypatch.setattr(workdir_guard, "ctrl_c_presses", lambda: 2)
+  os.makedirs(tmp_path / "checkpoints" / "8" / "state")
+  assert train._aborted_message(str(tmp_path)).startswith(
+      f"aborted (Ctrl-C pressed twice), without saving; the last checkpoint in {tmp_path} is step 8")
