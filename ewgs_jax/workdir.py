@@ -15,8 +15,8 @@
   process stops (the loop polls ``CheckpointKeeper.reached_preemption``); the first Ctrl-C is handed to
   that service (as a SIGTERM to this process), so it too stops every process at the same step, and
   a second one ends this process at once (the others then stop on the lost peer).
-  :func:`stop_requested` answers the same question inside long work between two steps (the EWGS
-  delta refresh), on every process alike.
+  :func:`stop_requested` answers the same question inside long work between two steps (a rule's
+  between-step action, such as a Hessian refresh), on every process alike.
 
 Exit codes shared with the command line: :data:`EXIT_STOPPED_EARLY` (75, resumable: re-run the same
 command) and :data:`EXIT_ABORTED` (130).
@@ -193,8 +193,8 @@ def _preemption_noticed() -> bool:
 
 
 def stop_requested() -> bool:
-  """Whether to stop now, for polling inside long work between two steps (e.g. between Hutchinson
-  batches of the EWGS delta refresh, EWGS Eq. 10), so that SIGTERM does not wait for it to finish.
+  """Whether to stop now, for polling inside long work between two steps (e.g. between the batches of
+  a rule's Hessian refresh), so that SIGTERM or Ctrl-C does not wait for that work to finish.
 
   One process: a flag read (as :func:`preemption_requested`). Several processes: a collective (every
   process must call it at the same points, as the refresh's own collectives): this process's view
