@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 import jax
 import numpy as np
 
-from ewgs_jax import checkpoints, names, parallel, reporting
+from ewgs_jax import names, parallel, reporting, workdir as workdir_guard
 
 DIVERGED_LOSS_FACTOR = 100.0   # a training loss above this many times chance level (ln C) has diverged
 
@@ -112,12 +112,9 @@ class Bookkeeper:
       loss = float(m["loss"])
       if not math.isfinite(loss) or loss > self.diverged_loss:
         self.keeper.wait_until_finished()
-        last = self.keeper.latest_step()
-        kept = (f"The last good checkpoint (step {last}) in {self.workdir} is kept" if last is not None
-                else f"No checkpoint was saved in {self.workdir}")
         what = "non-finite training loss" if not math.isfinite(loss) else "training diverged: loss"
-        raise FloatingPointError(
-            f"{what} ({loss:.4g}) at step {at}; stopping. {kept}: lower the learning rate, or check the data.")
+        advice = workdir_guard.config_change_advice(self.workdir, "lower the learning rate, or check the data")
+        raise FloatingPointError(f"{what} ({loss:.4g}) at step {at}; stopping. {advice}")
     means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
     self.writer.write(self.pending[-1][0], "train", means)
     self.progress.update(self.pending[-1][0], loss=means["loss"], accuracy=means["accuracy"])
@@ -221,7 +218,7 @@ def run_rule_actions(qat, state, step: int, books: Bookkeeper, timer: reporting.
   with timer.paused() as pause:
     books.progress.message(f"step {step}: {', '.join(d.action.describe or d.name for d in pending)} ...")
     variables, results = qat.run_due(step, state.variables(), loss_fn, functools.partial(batches, step),
-                                     jax.random.fold_in(key, step), stop=checkpoints.preemption_requested,   # polled
+                                     jax.random.fold_in(key, step), stop=workdir_guard.stop_requested,   # polled
                                      skip=[d.name for d in qat.actions if d not in pending])
     state = state.replace(quant_state=parallel.replicate(variables[names.QUANT_STATE], mesh))
     books.writer.write(step, "qat", results)

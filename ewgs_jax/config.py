@@ -98,6 +98,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)   # host:port of process 0, where the platform does not say
   c.distributed.num_processes = ml_collections.config_dict.placeholder(int)         # number of processes, where the platform does not say
   c.distributed.process_id = ml_collections.config_dict.placeholder(int)            # this process's index, where the platform does not say
+  c.distributed.heartbeat_timeout_seconds = 100   # a process silent this long is lost: the others stop (exit 75)
   for rule in rules.RULES.values():   # each rule's own section, from its declared settings
     if rule.settings:
       c[rule.name] = _section(rule)

@@ -21,7 +21,7 @@ import jax
 import ml_collections
 
 from ewgs_jax import actions, checkpoints, config as config_lib, data, hooks, initialization, models
-from ewgs_jax import parallel, reporting, steps
+from ewgs_jax import parallel, reporting, steps, workdir as workdir_guard
 from ewgs_jax.actions import due
 from ewgs_jax.qat import QAT
 
@@ -111,7 +111,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config_lib.validate(config)
     parallel.maybe_initialize_distributed(config.distributed)
     if jax.process_index() == 0:
-      cleanup.enter_context(checkpoints.WorkdirLock(workdir))
+      cleanup.enter_context(workdir_guard.WorkdirLock(workdir))
     if config.matmul_precision != "default":    # traced (and so compiled) under this precision
       cleanup.enter_context(jax.default_matmul_precision(config.matmul_precision))
     if config.deterministic and not deterministic_ops_enabled():
@@ -123,10 +123,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # Per-process and cosmetic settings may differ between processes and between a run and its resume.
     # A run with its own warm-start copy never reads init_from again, so init_from may change.
     has_copy = os.path.exists(os.path.join(workdir, checkpoints.WARM_START_FILE))
-    checkpoints.save_or_check_config(workdir, {k: v for k, v in config.to_dict().items() if k not in RUNTIME_KEYS},
+    workdir_guard.save_or_check_config(workdir, {k: v for k, v in config.to_dict().items() if k not in RUNTIME_KEYS},
                                      ignore=("init_from",) if has_copy else ())
-    checkpoints.install_preemption_handler()
-    cleanup.callback(checkpoints.uninstall_preemption_handler)
+    workdir_guard.install_preemption_handler()
+    cleanup.callback(workdir_guard.uninstall_preemption_handler)
     info = data.get_dataset_info(config.dataset, data_dir=config.data_dir)
     subset = data.Split(validation=config.validation_examples, train_limit=config.train_examples)
 
@@ -210,7 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       state, acted = actions.run_rule_actions(qat, state, step, books, timer, loss_fn=action_loss, key=action_key,
                                               batches=functools.partial(_action_batches, train_batches, config, mesh),
                                               mesh=mesh)
-      stop = acted and checkpoints.preemption_requested()   # during a long action: save, do not train on
+      stop = acted and workdir_guard.preemption_requested()   # during a long action: save, do not train on
       trained = not stop
       if trained:
         state, measurements = train_step(state, parallel.shard_batch(next(train_iter), mesh), step_key)
@@ -221,7 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           timer.start_training(step)
         if due(step, config.log_every_steps):
           books.flush()
-        stop = checkpoints.preemption_requested() or keeper.reached_preemption(step)
+        stop = workdir_guard.preemption_requested() or keeper.reached_preemption(step)
       epoch_end = trained and due(step, steps_per_epoch, total_steps)
       if epoch_end or due(step, config.checkpoint_every_steps) or stop:
         jax.block_until_ready(state)       # the device work of the steps so far is training time

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ewgs_jax import checkpoints, config as config_lib, data, reporting, rules, steps, training
+from ewgs_jax import checkpoints, config as config_lib, data, reporting, rules, steps, training, workdir as workdir_guard
 from ewgs_jax.layers import QuantContext
 from ewgs_jax.qat import QAT
 from tests.training_configs import ROOT, small_config
@@ -143,7 +143,7 @@ def test_warm_started_run_resumes_without_its_init_from_and_past_a_torn_metrics_
     calls["n"] += 1
     return calls["n"] == 3
 
-  monkeypatch.setattr(checkpoints, "preemption_requested", preempt_at_step_3)
+  monkeypatch.setattr(workdir_guard, "preemption_requested", preempt_at_step_3)
   assert training.train_and_evaluate(config, str(qat))["preempted"]
   monkeypatch.undo()
   assert (qat / checkpoints.WARM_START_FILE).exists()
@@ -178,7 +178,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
     calls["n"] += 1
     return calls["n"] == 5
 
-  monkeypatch.setattr(checkpoints, "preemption_requested", preempt_at_step_5)
+  monkeypatch.setattr(workdir_guard, "preemption_requested", preempt_at_step_5)
   first = training.train_and_evaluate(config, interrupted)
   assert first["preempted"] and first["train_steps"] == 5
   monkeypatch.undo()
