@@ -116,9 +116,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     # (config_path.get_type): a key the config lacks raises AttributeError/KeyError with only its name.
     known = set(config_lib.known_keys())
     overrides = _overrides(argv)
-    free_form = ("model_kwargs", "rate_kwargs", "mu_kwargs")
-    unknown = [k for k in overrides
-               if k not in known and not any(k.startswith(f"{free}.") or f".{free}." in k for free in free_form)]
+    unknown = [k for k in overrides if k not in known and not any(k.startswith(f"{free}.") or f".{free}." in k
+                                                                   for free in config_lib.FREE_FORM)]
     if unknown:
       _fail(config_lib.unknown_key_message(unknown), EXIT_USAGE)
     _fail(_missing_dict_key_message(argv, overrides) or f"bad config ({type(e).__name__}: {e})", EXIT_USAGE)
