@@ -154,12 +154,21 @@ def test_a_missing_or_broken_config_file_is_one_line(tmp_path):
 
 
 def test_a_key_missing_from_a_dict_names_what_the_dict_holds_and_the_fix(tmp_path):
-  process = train_py("--config", "quickstart:w2a2_pege", "--workdir", str(tmp_path), "--config.pege.mu_kwargs.k=1")
+  process = train_py("--config", "quickstart:w2a2_pege", "--workdir", str(tmp_path), "--config.model_kwargs.width=4")
   _, err = finish(process)
   assert process.returncode == 2 and err.strip().splitlines() == [
-      "error: config.pege.mu_kwargs has no key 'k' (it holds: mu_max); the command line cannot add a key to a dict, "
-      "so set the whole dict: --config.pege.mu_kwargs=\"{'mu_max': 0.01, 'k': 1}\" (keys and meanings: "
-      "ewgs-jax-train --config_keys)"]
+      "error: config.model_kwargs has no key 'width' (it holds: stage_widths); the command line cannot add a key to a "
+      "dict, so set the whole dict: --config.model_kwargs=\"{'stage_widths': (16, 32), 'width': 4}\" (keys and "
+      "meanings: ewgs-jax-train --config_keys)"]
+
+
+def test_every_pege_schedule_keyword_is_a_key_of_its_own(tmp_path):
+  """--config.pege.mu_kwargs.k=1 used to fail with AttributeError: 'k' (the dict had no such key)."""
+  process = train_py("--config", "quickstart:w2a2_pege", "--workdir", str(tmp_path), "--config.pege.mu_kwargs.k=1")
+  _, err = finish(process)
+  assert process.returncode == 1 and err.strip().splitlines() == [
+      "error: config.pege.mu_kwargs.k sets the per-step pace, which mu_ramp=0.1 replaces; drop it, or set "
+      "--config.pege.mu_ramp=0 to use it"]
 
 
 def test_a_broken_config_json_names_the_file_and_the_fix(tmp_path):
@@ -215,7 +224,7 @@ sys.path.insert(0, {root!r})
 from tests.training_configs import small_config
 
 def get_config(arg=None):
-  return small_config({{"num_train_steps": 4, "quant.enabled": False, "delta.mode": "off"}}, variant="fp")
+  return small_config({{"num_train_steps": 4, "quant.enabled": False}}, variant="fp")
 """
 
 
