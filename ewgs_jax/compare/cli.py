@@ -107,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
   if outcome.failed:
     return EXIT_FAILED
   if supervisor.stopping or outcome.stopped:
-    print(f"[compare] stopped ({len(outcome.stopped)} runs unfinished); re-run the same command to resume",
-          file=sys.stderr)
+    unfinished = len(outcome.stopped)
+    print(f"[compare] {'aborted' if supervisor.aborting else 'stopped'} ({unfinished} run{'' if unfinished == 1 else 's'} "
+          "unfinished); re-run the same command to resume", file=sys.stderr)
     return supervisor.exit_code()
   assert outcome.fp is not None   # the planned runs ran, so the full-precision one finished
   finished = [(*planned, summary) for planned, summary in zip(runs, outcome.summaries)]

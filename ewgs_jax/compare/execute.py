@@ -113,7 +113,7 @@ class Supervisor:
     return EXIT_ABORTED if self.aborting else EXIT_STOPPED
 
   def wait(self, proc: subprocess.Popen) -> int:
-    """Waits for ``proc``, forwarding to it each signal compare receives meanwhile (once each).
+    """Waits for ``proc``, forwarding to it each signal compare receives meanwhile (once each, spaced by ``POLL_S``).
 
     Args:
       proc: a child started after this supervisor was installed.
@@ -123,7 +123,8 @@ class Supervisor:
     """
     forwarded = 0
     while True:
-      while forwarded < len(self.received):
+      # one per poll: two signals sent back to back would reach the child's handler as one
+      if forwarded < len(self.received):
         try:
           proc.send_signal(FORWARDED[self.received[forwarded]])
         except ProcessLookupError:   # it has just exited
