@@ -46,7 +46,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--validation", type=int, default=0,
                       help="hold out this many training examples and judge runs on them (for calibration)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every run")
-  parser.add_argument("--fp-epochs", type=int, default=0, help="epochs of the full-precision run (default: the preset's)")
+  parser.add_argument("--fp-epochs", type=int, default=0,
+                      help="epochs of the full-precision run (default: the preset's)")
   parser.add_argument("--qat-epochs", type=int, default=0, help="epochs of each QAT run (default: the preset's)")
   parser.add_argument("--init-from", default=None,
                       help="a finished full-precision workdir to warm start from instead of training one")
@@ -108,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_FAILED
   if supervisor.stopping or outcome.stopped:
     unfinished = len(outcome.stopped)
-    print(f"[compare] {'aborted' if supervisor.aborting else 'stopped'} ({unfinished} run{'' if unfinished == 1 else 's'} "
-          "unfinished); re-run the same command to resume", file=sys.stderr)
+    runs_left = f"{unfinished} run{'' if unfinished == 1 else 's'} unfinished"
+    state = "aborted" if supervisor.aborting else "stopped"
+    print(f"[compare] {state} ({runs_left}); re-run the same command to resume",
+          file=sys.stderr)
     return supervisor.exit_code()
   assert outcome.fp is not None   # the planned runs ran, so the full-precision one finished
   finished = [(*planned, summary) for planned, summary in zip(runs, outcome.summaries)]

@@ -185,11 +185,13 @@ def write_results(args, fp_summary: dict, finished: list) -> str:
         row += f"{100 * t['diff']:+.2f} [{100 * t['low']:+.2f}, {100 * t['high']:+.2f}] | {t['p']:.3f} |"
       lines.append(row)
     lines.append("")
-  lines += ["## Runs", "", "| rule | seed | workdir | best accuracy (eval split) | wall time (s) |", "|---|---|---|---|---|"]
+  lines += ["## Runs", "", "| rule | seed | workdir | best accuracy (eval split) | wall time (s) |",
+            "|---|---|---|---|---|"]
   for rule, seed, run, s in finished:
     best = s.get("best_validation_accuracy", s.get("best_test_accuracy"))
-    lines.append(f"| `{rule.label}` | {'-' if seed is None else seed} | `{os.path.relpath(run.workdir, args.workdir)}` | "
-                 f"{_pct(best)} | {s.get('wall_time_s', float('nan')):.0f} |")
+    where = os.path.relpath(run.workdir, args.workdir)
+    lines.append(f"| `{rule.label}` | {'-' if seed is None else seed} | `{where}` | {_pct(best)} | "
+                 f"{s.get('wall_time_s', float('nan')):.0f} |")
   traces = traces_present(finished)
   lines += ["", "Plots: `curves_<rule>.png` (accuracy per epoch, one line per seed), `traces.png` ("
             + ("; ".join(t.title for t in traces) if traces else "no rule here logged a trace")
