@@ -311,3 +311,29 @@ def test_short_runs_keep_the_losses_recorded_before_the_redesign(tmp_path, name)
   training.train_and_evaluate(config, str(tmp_path))
   losses = [r["loss"] for r in train_losses(str(tmp_path))]
   np.testing.assert_allclose(losses, REFERENCE[name], rtol=2e-4)
+
+
+def test_a_stop_during_the_delta_refresh_saves_before_training_on_and_the_resume_refreshes(tmp_path, monkeypatch):
+  """SIGTERM during a rule's action: the refresh gives up between its batches, the run saves the step it is at
+  (without training on with the old delta) and stops; the resume runs the refresh at that step again."""
+  config = small_config({"batch_size": 64, "train_examples": 256, "num_epochs": 3, "num_train_steps": 6,
+                         "ewgs.every_epochs": 1, "ewgs.num_batches": 2, "checkpoint_every_steps": 100},
+                        variant="w2a2_ewgs")
+  state = {"calls": 0, "stopped": False}
+
+  def stop_at_the_second_batch():
+    state["calls"] += 1
+    state["stopped"] = state["stopped"] or state["calls"] == 2
+    return state["stopped"]
+
+  monkeypatch.setattr(workdir_guard, "stop_requested", stop_at_the_second_batch)
+  monkeypatch.setattr(workdir_guard, "preemption_requested", lambda: state["stopped"])
+  first = training.train_and_evaluate(config, str(tmp_path))
+  assert first["preempted"] and first["train_steps"] == 4        # the refresh due at step 4 (epoch 1) was stopped
+  assert checkpoints.committed_steps(str(tmp_path))[-1] == 4
+  assert not [r for r in reporting.read_metrics(str(tmp_path / "metrics.jsonl")) if r.get("ewgs/delta_refresh") == 1.0]
+  monkeypatch.undo()
+  second = training.train_and_evaluate(config, str(tmp_path))
+  assert not second["preempted"] and second["train_steps"] == 6 and second["rule_actions"] == {"ewgs/delta_refresh": 1}
+  done = [r["step"] for r in reporting.read_metrics(str(tmp_path / "metrics.jsonl")) if r.get("ewgs/delta_refresh") == 1.0]
+  assert done == [4]
