@@ -470,12 +470,14 @@ class Report:
     """Seconds left of the budget."""
     return self.deadline - time.monotonic()
 
-  def run(self, name: str, fn: Callable[[], tuple[dict, str]], reserve_s: float) -> dict:
+  def run(self, name: str, fn: Callable[[dict], tuple[dict, str]], reserve_s: float) -> dict:
     """Runs one section under its guard.
 
     Args:
       name: the section's name.
-      fn: ``fn() -> (results, markdown)``; it may raise :class:`Unavailable`.
+      fn: ``fn(partial) -> (results, markdown)``; it may raise :class:`Unavailable`. A section made
+        of parts puts what it has so far into ``partial["results"]`` / ``partial["markdown"]``,
+        which the record keeps if the section fails or is stopped later.
       reserve_s: the section is skipped when fewer seconds than this are left.
 
     Returns:
@@ -490,20 +492,22 @@ class Report:
                                             f"{reserve_s:.0f} s at least")
       return self._add(record)
     start = time.monotonic()
+    partial = {"results": {}, "markdown": ""}
     previous = signal.signal(signal.SIGALRM, _raise_budget_exceeded)
     signal.setitimer(signal.ITIMER_REAL, max(left, 0.01))
     try:
       try:
-        record["results"], record["markdown"] = fn()
+        record["results"], record["markdown"] = fn(partial)
       finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     except BudgetExceeded:
-      record.update(status="stopped", error=f"time budget of {self.budget_s:.0f} s ran out in this section")
+      record.update(status="stopped", error=f"time budget of {self.budget_s:.0f} s ran out in this section",
+                    **partial)
     except Unavailable as e:
       record.update(status="unavailable", error=str(e).splitlines()[0] if str(e) else "not available")
     except Exception as e:   # noqa: BLE001 - the guard's purpose: one failing section must not end the report
-      record.update(status="failed", error=first_error_line(e), traceback=traceback.format_exc()[-4000:])
+      record.update(status="failed", error=first_error_line(e), traceback=traceback.format_exc()[-4000:], **partial)
     record["seconds"] = round(time.monotonic() - start, 1)
     return self._add(record)
 
@@ -628,11 +632,12 @@ def precompile(lowerers: dict[str, Callable], threads: int) -> tuple[float, str 
   return time.perf_counter() - start, None
 
 
-def section_steps(ctx: Context) -> tuple[dict, str]:
+def section_steps(ctx: Context, partial: dict | None = None) -> tuple[dict, str]:
   """Train-step time of every rule and precision per network, as ratios to FP (see module docstring).
 
   Args:
     ctx: the shared context.
+    partial: where the parts done so far are kept (:meth:`Report.run`).
 
   Returns:
     ``(results, markdown)``.
@@ -670,6 +675,8 @@ def section_steps(ctx: Context) -> tuple[dict, str]:
              f"thread(s){'; ' + note if note else ''})", "",
              table(["case", "precision", "ms / step", "images / s", "/ FP (same precision)"], rows), ""]
     del runs, lowerers, batch
+    if partial is not None:
+      partial.update(results={**results, "headline": dict(headline)}, markdown="\n".join(text))
   text.append("W2A2 from the shipped configs (`w2a2_<rule>`), FP from their `fp` variant (its own optimiser); "
               "random data; the real jitted `train_step` (forward, backward, both optimisers, BatchNorm).")
   results["headline"] = headline
@@ -758,11 +765,12 @@ def train_briefly(net: Network, steps: int, num_batches: int, mesh, seed: int = 
           "losses": [float(x) for x in jax.device_get(losses)], "qat": qat, "key": key}
 
 
-def section_refresh(ctx: Context) -> tuple[dict, str]:
+def section_refresh(ctx: Context, partial: dict | None = None) -> tuple[dict, str]:
   """The EWGS delta refresh's cost in train steps and its per-block relative standard error.
 
   Args:
     ctx: the shared context.
+    partial: where the parts done so far are kept (:meth:`Report.run`).
 
   Returns:
     ``(results, markdown)``.
@@ -870,11 +878,12 @@ def _samples_used(action, variables, batches, found) -> np.ndarray | None:
 # Section: integer export
 
 
-def section_export(ctx: Context) -> tuple[dict, str]:
+def section_export(ctx: Context, partial: dict | None = None) -> tuple[dict, str]:
   """The integer export's forward against the fake-quant forward (issue 22), if the export exists.
 
   Args:
     ctx: the shared context.
+    partial: where the parts done so far are kept (:meth:`Report.run`).
 
   Returns:
     ``(results, markdown)``; raises :class:`Unavailable` without ``ewgs_jax.export.integer_model``.
@@ -953,11 +962,12 @@ def e2e_overrides(dataset: str, steps: int, steps_per_epoch: int) -> tuple:
           ("checkpoint_every_steps", 0))
 
 
-def section_e2e(ctx: Context) -> tuple[dict, str]:
+def section_e2e(ctx: Context, partial: dict | None = None) -> tuple[dict, str]:
   """``train.py`` images/s on synthetic ``npz:`` data against the step-only rate of the same config.
 
   Args:
     ctx: the shared context.
+    partial: where the parts done so far are kept (:meth:`Report.run`).
 
   Returns:
     ``(results, markdown)``.
@@ -987,7 +997,9 @@ def section_e2e(ctx: Context) -> tuple[dict, str]:
       batch = parallel.shard_batch({"image": rng.normal(size=(net.batch, *net.image)).astype(np.float32),
                                     "label": rng.integers(0, 10, net.batch).astype(np.int32)}, ctx.mesh)
       run, _ = train_case(network_config(net, "ewgs"), batch, ctx.mesh)
-      step_s = time_interleaved({"step": run}, repeats=max(3, ctx.plan.step_repeats))["step"]
+      per_call = steps_per_call(run, ctx.plan.call_seconds)
+      step_s = time_interleaved({"step": repeated(run, per_call)}, repeats=max(3, ctx.plan.step_repeats))["step"]
+      step_s /= per_call
     step_rate = net.batch / step_s
     results[net.key] = {"label": net.label, "steps": steps, "train_images": train_images, "wall_s": round(wall, 1),
                         "train_images_per_s": _number(e2e, 1), "step_only_images_per_s": _number(step_rate, 1),
@@ -995,13 +1007,27 @@ def section_e2e(ctx: Context) -> tuple[dict, str]:
                         "train_steps": summary.get("train_steps"), "device": summary.get("device")}
     headline[f"e2e_fraction/{net.key}"] = _number(e2e / step_rate)
     rows.append([net.label, steps, f"{wall:.0f}", f"{e2e:.0f}", f"{step_rate:.0f}", f"{e2e / step_rate:.0%}"])
+    if partial is not None:
+      partial.update(results={**results, "headline": dict(headline)}, markdown=e2e_text(rows))
   results["headline"] = headline
+  return results, e2e_text(rows)
+
+
+def e2e_text(rows: list) -> str:
+  """The ``e2e`` section's Markdown.
+
+  Args:
+    rows: its table's rows.
+
+  Returns:
+    The text.
+  """
   text = ["`python -m ewgs_jax.train` with the shipped config's `w2a2_ewgs` variant (fp32) on a synthetic `npz:` "
           "dataset (uint8, 10 classes; no refresh falls inside the run), `train_images_per_s` of its summary.json "
           "(excludes the first, compiling step and the paused evaluations/checkpoints) against the step-only rate "
           "of the same config from the `steps` section of this run.", "",
           table(["network", "steps", "wall s (process)", "train.py images/s", "step-only images/s", "fraction"], rows)]
-  return results, "\n".join(text)
+  return "\n".join(text)
 
 
 def _cache_env(ctx: Context) -> dict:
@@ -1096,11 +1122,12 @@ def resume_overrides(dataset: str, steps: int, steps_per_epoch: int, kill: str) 
           ("checkpoint_every_steps", max(1, steps // 6) if kill == "KILL" else 0))
 
 
-def section_resume(ctx: Context) -> tuple[dict, str]:
+def section_resume(ctx: Context, partial: dict | None = None) -> tuple[dict, str]:
   """A run straight vs the same run stopped by a signal and resumed, with ``deterministic=True``.
 
   Args:
     ctx: the shared context.
+    partial: where the parts done so far are kept (:meth:`Report.run`).
 
   Returns:
     ``(results, markdown)``.
@@ -1204,11 +1231,12 @@ def summarize_outcomes(path: str) -> dict:
   return {"collected": collected, **counts, "finished": len(tests), "failures": failures}
 
 
-def section_tests(ctx: Context) -> tuple[dict, str]:
+def section_tests(ctx: Context, partial: dict | None = None) -> tuple[dict, str]:
   """The repository's test suite on this device, in a subprocess stopped at the time budget.
 
   Args:
     ctx: the shared context.
+    partial: where the parts done so far are kept (:meth:`Report.run`).
 
   Returns:
     ``(results, markdown)``.
@@ -1343,7 +1371,7 @@ def main(argv: list[str] | None = None) -> int:
                "resume": section_resume, "tests": section_tests}
   try:
     for name in args.sections.split(","):
-      record = report.run(name, lambda f=functions[name]: f(ctx), plan.reserve.get(name, 0))
+      record = report.run(name, lambda partial, f=functions[name]: f(ctx, partial), plan.reserve.get(name, 0))
       print(f"[{record['seconds']:7.1f} s] {name}: {record['status']}"
             f"{' - ' + record['error'] if record['error'] else ''}", flush=True)
   finally:

@@ -26,33 +26,36 @@ def sections(path):
 def test_a_failing_section_is_recorded_with_its_first_line_and_the_rest_still_run(tmp_path):
   report = report_lib.Report(str(tmp_path), {"device": "cpu", "jax": "x", "mode": "tiny"}, budget_s=60)
 
-  def broken():
+  def broken(partial):
+    partial.update(results={"first part": 1, "headline": {"two/first": 3}}, markdown="the first part's text")
     raise ValueError("the first line\nand a second one")
 
-  def missing():
+  def missing(partial):
     raise report_lib.Unavailable("not available: no such module")
 
-  report.run("one", lambda: ({"headline": {"one/figure": 1.5}}, "one's text"), reserve_s=0)
+  report.run("one", lambda partial: ({"headline": {"one/figure": 1.5}}, "one's text"), reserve_s=0)
   report.run("two", broken, reserve_s=0)
   report.run("three", missing, reserve_s=0)
-  report.run("four", lambda: ({"headline": {"four/figure": 2}}, "four's text"), reserve_s=0)
+  report.run("four", lambda partial: ({"headline": {"four/figure": 2}}, "four's text"), reserve_s=0)
   got = sections(tmp_path)
   assert [got[n]["status"] for n in ("one", "two", "three", "four")] == ["ok", "failed", "unavailable", "ok"]
   assert got["two"]["error"] == "ValueError: the first line" and "broken" in got["two"]["traceback"]
+  assert got["two"]["results"]["first part"] == 1   # the parts done before the failure are kept
   assert got["three"]["error"] == "not available: no such module"
   headline = report.headline()
-  assert headline["one/figure"] == 1.5 and headline["four/figure"] == 2
+  assert headline["one/figure"] == 1.5 and headline["four/figure"] == 2 and headline["two/first"] == 3
   assert headline["sections"] == {"one": "ok", "two": "failed", "three": "unavailable", "four": "ok"}
   markdown = (tmp_path / "accelerator_report.md").read_text()
   assert "| two | failed |" in markdown and "ValueError: the first line" in markdown and "four's text" in markdown
+  assert "the first part's text" in markdown
 
 
 def test_the_budget_stops_a_running_section_and_skips_the_next(tmp_path):
   report = report_lib.Report(str(tmp_path), {}, budget_s=1.0)
   start = time.monotonic()
-  report.run("slow", lambda: (time.sleep(30), ({}, ""))[1], reserve_s=0)
+  report.run("slow", lambda partial: (time.sleep(30), ({}, ""))[1], reserve_s=0)
   assert time.monotonic() - start < 10
-  report.run("next", lambda: ({}, ""), reserve_s=5)
+  report.run("next", lambda partial: ({}, ""), reserve_s=5)
   got = sections(tmp_path)
   assert got["slow"]["status"] == "stopped" and "time budget" in got["slow"]["error"]
   assert got["next"]["status"] == "skipped" and "needs 5 s" in got["next"]["error"]
