@@ -1,7 +1,7 @@
 """Every accelerator figure of issue 21 from one command: ``accelerator_report.md`` + ``.json``.
 
     python benchmarks/accelerator_report.py [--out DIR] [--budget-s 480] [--sections steps,refresh,...]
-    python benchmarks/accelerator_report.py --tiny --out /tmp/report     # toy sizes, CPU, about a minute
+    python benchmarks/accelerator_report.py --tiny --out /tmp/report     # toy sizes on a CPU, a few minutes
 
 Sections, run in this order (``--sections`` picks and orders them), each guarded: a section that
 fails is recorded with its first error line and the next one runs; a section that would start
@@ -651,7 +651,9 @@ def section_steps(ctx: Context, partial: dict | None = None) -> tuple[dict, str]
     runs, lowerers = {}, {}
     for precision in plan.precisions:
       for rule in plan.rules:
-        run, parts = train_case(network_config(net, rule, precision == "bf16"), batch, ctx.mesh)
+        config = network_config(net, rule, precision == "bf16")
+        # the replacement masks' PRNG as the training program picks it (PEGE's setting)
+        run, parts = train_case(config, batch, ctx.mesh, rng_impl=config.pege.rng_impl)
         runs[(rule, precision)], lowerers[(rule, precision)] = run, parts["lower"]
     compile_s, note = precompile(lowerers, plan.compile_threads)
     per_call = steps_per_call(runs[("fp", plan.precisions[0])], plan.call_seconds)
