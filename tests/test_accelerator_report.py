@@ -131,7 +131,7 @@ def test_synthetic_dataset_has_the_npz_layout(tmp_path):
     assert f["x_train"].dtype == np.uint8 and f["x_train"].shape == (40, 8, 8, 3) and f["y_test"].shape == (10,)
 
 
-@pytest.mark.slow   # ~2-7 min on the loaded 2-core machine: ~20 compiles and six train.py / pytest processes
+@pytest.mark.slow   # 1.5-4.5 min on the loaded 2-core machine: ~15 compiles and six train.py / pytest processes
 def test_tiny_report_runs_every_section_on_the_cpu(tmp_path):
   out = tmp_path / "report"
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
