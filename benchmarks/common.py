@@ -42,10 +42,12 @@ def train_case(config, batch: dict, mesh, steps: int = 1000, rng_impl: str = "th
 
   Returns:
     ``(run, parts)``: ``run()`` does one step and returns its loss; ``parts`` holds the model, the
-    initial variables and the QAT object (``None`` for full precision).
+    initial variables, the QAT object (``None`` for full precision) and ``lower()``, the step lowered
+    for the current state (``lower().compile()`` compiles ahead of time, e.g. in a thread, without
+    running a step; ``run()`` then reuses that executable).
   """
   import jax.numpy as jnp
-  from ewgs_jax import initialization, steps as steps_lib, training
+  from ewgs_jax import initialization, parallel, steps as steps_lib, training
   from ewgs_jax.qat import QAT
   model = training.build_model(config, 10)
   tx = steps_lib.make_optimizer(config, steps, steps)
@@ -56,14 +58,18 @@ def train_case(config, batch: dict, mesh, steps: int = 1000, rng_impl: str = "th
     qat = QAT(model.quant, total_steps=steps, rules=rules)
   train_step, _ = steps_lib.compile_steps(model, tx, qat, mesh)
   copy = lambda tree: jax.tree.map(jnp.copy, tree)       # the train step donates its state
-  holder = {"state": steps_lib.TrainState(step=jnp.zeros((), jnp.int32), params=copy(variables["params"]),
-                                          batch_stats=copy(variables["batch_stats"]),
-                                          quant_state=copy(variables.get("quant_state", {})),
-                                          opt_state=tx.init(variables["params"]))}
+  state = steps_lib.TrainState(step=jnp.zeros((), jnp.int32), params=copy(variables["params"]),
+                               batch_stats=copy(variables["batch_stats"]),
+                               quant_state=copy(variables.get("quant_state", {})),
+                               opt_state=tx.init(variables["params"]))
+  # Replicated on the mesh as the step returns it: a state without the mesh in its type would make the
+  # second call trace and compile the step again (inside the first timed repeat).
+  holder = {"state": jax.device_put(state, parallel.replicated(mesh))}
   key = jax.random.key(1, impl=rng_impl)   # the replacement masks' PRNG (config pege.rng_impl)
 
   def run():
     holder["state"], metrics = train_step(holder["state"], batch, key)
     return metrics["loss"]
 
-  return run, {"model": model, "variables": variables, "qat": qat}
+  return run, {"model": model, "variables": variables, "qat": qat,
+               "lower": lambda: train_step.lower(holder["state"], batch, key)}
