@@ -200,8 +200,9 @@ def lsq(
   """
   q_neg, q_pos = lsq_range(bits, signed)
   if grad_scale is None:
-    per_step = x.size / max(jnp.size(step), 1)
-    grad_scale = 1.0 / math.sqrt(per_step * max(q_pos, 1))
+    # N may be symbolic (a batch size left open by jax.export), so the scale is computed as an array
+    per_step = x.size // max(jnp.size(step), 1)
+    grad_scale = 1.0 / jnp.sqrt(jnp.asarray(per_step * max(q_pos, 1), jnp.float32))
   s = scale_gradient(step, grad_scale)
   v = clip(x / s, -float(q_neg), float(q_pos))
   x_q = _discretize((v + q_neg) / (q_neg + q_pos), bits, discretizer, hook)
