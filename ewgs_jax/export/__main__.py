@@ -76,8 +76,8 @@ def export_and_check(workdir: str, output: str, platforms=None) -> dict:
   from ewgs_jax import data, extras, training
   from ewgs_jax.export import check, model as model_lib, runtime, workdir as workdir_lib
 
-  extras.require("flatbuffers", "saving an integer model (jax.export serialization)")
   run = workdir_lib.load_run(workdir)
+  extras.require("flatbuffers", "saving an integer model (jax.export serialization)")
   integer = model_lib.integer_model(run, platforms=tuple(platforms or model_lib.PLATFORMS))
   size = integer.save(output)
   loaded = runtime.load(output)   # what is measured is the file, not the object that wrote it
