@@ -28,6 +28,7 @@ import dataclasses
 import math
 from typing import Callable, Mapping
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -320,6 +321,28 @@ def method_names() -> list[str]:
     The names.
   """
   return [*METHODS, NONE]
+
+
+def per_channel(init: Initializer, axis: int = -1) -> Initializer:
+  """A per-tensor data-driven initialiser applied to each channel of ``axis`` separately.
+
+  EWGS Sec. 4.1 initialises the weight bounds from the whole kernel (``-+3 sigma(w)``); per output
+  channel (the kernel's last axis, HWIO or ``(in, out)``) it is the same statistic over each
+  channel's weights: ``l_c = -3 sigma(w_c)``, ``u_c = 3 sigma(w_c)``. The result has one value per
+  channel, which every method here broadcasts against the kernel (their parameters may be arrays),
+  and whose gradient comes back per channel.
+
+  Args:
+    init: ``init(x, bits, weight) -> scalar``, e.g. ``get_method("interval").params["upper"]``.
+    axis: the channel axis of ``x``.
+
+  Returns:
+    ``init_c(x, bits, weight) -> (x.shape[axis],)``.
+  """
+  def init_per_channel(x, bits, weight):
+    return jax.vmap(lambda channel: init(channel, bits, weight), in_axes=axis)(x)
+
+  return init_per_channel
 
 
 def _lsq_init(x, bits, weight):

@@ -123,21 +123,22 @@ def test_per_channel_weight_parameters(method, params, per_channel_scale):
 
 @pytest.mark.parametrize("strides,padding,groups", [((1, 1), "SAME", 1), ((2, 2), "VALID", 1),
                                                     ((2, 1), [(1, 2), (0, 1)], 1), ((1, 1), "SAME", 3),
-                                                    ((2, 2), [(1, 1), (1, 1)], 6)])
+                                                    ((2, 2), [(1, 1), (1, 1)], 6), ((1, 1), "SAME", 2)])
 def test_integer_convolution_is_exact_and_uses_no_convolution_op(strides, padding, groups):
   rng = np.random.default_rng(groups)
   a = rng.integers(0, 256, (2, 9, 8, 6)).astype(np.int32)
   w = rng.integers(-255, 256, (3, 3, 6 // groups, 6)).astype(np.int32)
-  conv = jax.jit(lambda a, w: integer.integer_conv(a, w, strides, padding, groups))
+  conv = jax.jit(lambda a, w: integer.integer_conv(a, w, strides, padding, groups, dtype=jnp.int16))
   acc = conv(a, w)
   # exact reference in float64 (every partial sum is an integer below 2^53)
   ref = jax.lax.conv_general_dilated(np.asarray(a, np.float32), np.asarray(w, np.float32), strides, padding,
                                      dimension_numbers=ops.NHWC, feature_group_count=groups, precision="highest")
   np.testing.assert_array_equal(acc, np.round(np.asarray(ref, np.float64)).astype(np.int64))
   assert acc.dtype == np.int32
-  # no integer convolution (UNIMPLEMENTED on XLA's GPU backend): an integer dot does the work
+  # no integer convolution (UNIMPLEMENTED on XLA's GPU backend): an integer dot (or, depthwise, a
+  # multiply-add over the taps) does the work
   hlo = conv.lower(a, w).as_text()
-  assert "convolution" not in hlo and "dot_general" in hlo
+  assert "stablehlo.convolution" not in hlo and ("dot_general" in hlo or groups == a.shape[-1])
 
 
 # --- whole models --------------------------------------------------------------------------------

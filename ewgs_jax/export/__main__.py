@@ -11,7 +11,8 @@ split (and on the test split, if that is another one). Prints, last, one JSON li
 ``agreement``: fraction of equal predicted classes on the evaluation split; ``max_rel_logit_error``:
 the largest per-example ``max |logit difference| / max |logit|`` there; ``test_accuracy``: the
 integer model's on the test split (``fake_quant_test_accuracy`` beside it); ``bytes``: the file;
-``fp_bytes``: the same network's parameters as float32.
+``fp_bytes``: the same network's parameters as float32; ``arrays_bytes`` and ``forward_bytes``: the
+file's arrays (packed codes, scales, full-precision layers) and its serialized forward program.
 
 Exit status: 0 exported and checked; 1 an unfit workdir (missing, unfinished, full precision,
 unreadable checkpoint) or a model that has no integer form, with one ``error:`` line; 2 a bad
@@ -96,6 +97,7 @@ def export_and_check(workdir: str, output: str, platforms=None) -> dict:
       "test_agreement": test["agreement"],
       "bytes": size,
       "fp_bytes": loaded.metadata["fp_bytes"],
+      **{f"{part}_bytes": n for part, n in loaded.nbytes().items()},
       "integer_layers": len(loaded.metadata["layers"]),
       "platforms": loaded.metadata["platforms"],
       "checked_on": jax.default_backend(),

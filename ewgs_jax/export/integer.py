@@ -20,7 +20,8 @@ A quantized layer ``y = |alpha| op(Q_A(x), Q_W(w))`` (``op`` a convolution or a 
 The integer convolution is integer patches (:func:`ewgs_jax.ops.tap_windows`: pad and strided
 slices, no arithmetic) times the weight levels in one int32-accumulating ``dot_general``, not
 ``conv_general_dilated`` on integers: integer convolutions are UNIMPLEMENTED on XLA's GPU backend,
-integer dots run on CPU, GPU and TPU. No float rounding happens before the final scaling.
+integer dots run on CPU, GPU and TPU. The operands are the narrowest integer type that holds them
+(``int8`` up to 7 bits). No float rounding happens before the final scaling.
 """
 
 from __future__ import annotations
@@ -256,8 +257,30 @@ def accumulator_bound(contraction: int, act_bits: int | None, levels: np.ndarray
   return int(contraction) * (2 ** act_bits - 1) * int(np.abs(levels).max(initial=0))
 
 
-def integer_conv(a_codes, w_levels, strides, padding, feature_group_count: int = 1) -> jax.Array:
+def operand_dtype(*max_abs: int):
+  """The narrowest signed integer type holding operands up to ``max_abs`` in magnitude.
+
+  XLA:CPU multiplies ``int8`` matrices several times faster than ``int32`` ones (int32 accumulation
+  either way; figures: ``benchmarks/bench_export.py``), so the operands of an integer dot are
+  stored as narrow as their values allow.
+
+  Args:
+    *max_abs: the largest magnitude of each operand.
+
+  Returns:
+    ``jnp.int8``, ``jnp.int16`` or ``jnp.int32``.
+  """
+  largest = max(int(m) for m in max_abs)
+  return jnp.int8 if largest <= 127 else jnp.int16 if largest <= 32767 else jnp.int32
+
+
+def integer_conv(a_codes, w_levels, strides, padding, feature_group_count: int = 1, dtype=jnp.int32) -> jax.Array:
   """``conv(k_a, v)`` of integer activation codes and weight levels, exact, int32-accumulated.
+
+  The input windows of the kernel taps (:func:`ewgs_jax.ops.tap_windows`: zero padding, strided
+  slices) are laid side by side, channels last, so that an ungrouped convolution is one 2-D integer
+  matrix product with the HWIO kernel flattened to ``(kh kw C, out)``; a depthwise one is a
+  multiply-add over the taps; other groupings are one batched product over the groups.
 
   Args:
     a_codes: NHWC integer activation codes.
@@ -265,33 +288,45 @@ def integer_conv(a_codes, w_levels, strides, padding, feature_group_count: int =
     strides: ``(sh, sw)``.
     padding: ``"SAME"``, ``"VALID"`` or ``((lo, hi), (lo, hi))`` (zero padding: code 0).
     feature_group_count: the number of groups (``C`` for a depthwise convolution).
+    dtype: the integer type the operands are multiplied in (:func:`operand_dtype`); products and
+      sums are int32 whatever it is.
 
   Returns:
-    The int32 NHWC convolution, computed as integer patches times levels in one ``dot_general``
-    with an int32 accumulator (no convolution op: those are UNIMPLEMENTED for integers on XLA:GPU).
+    The int32 NHWC convolution (no convolution op: integer ones are UNIMPLEMENTED on XLA:GPU).
   """
   kh, kw, per_group, out = w_levels.shape
   groups = feature_group_count
-  patches = jnp.stack(ops.tap_windows(a_codes, (kh, kw), tuple(strides), padding), axis=3)
-  n, h, w = patches.shape[:3]
-  patches = patches.reshape(n, h, w, kh * kw, groups, per_group)
+  taps = ops.tap_windows(jnp.asarray(a_codes).astype(dtype), (kh, kw), tuple(strides), padding)
+  w_levels = jnp.asarray(w_levels).astype(dtype)
+  n, h, w = taps[0].shape[:3]
+  if groups == 1:
+    patches = jnp.concatenate(taps, axis=-1).reshape(n * h * w, kh * kw * per_group)
+    acc = lax.dot_general(patches, w_levels.reshape(kh * kw * per_group, out), (((1,), (0,)), ((), ())),
+                          preferred_element_type=jnp.int32)
+    return acc.reshape(n, h, w, out)
+  if per_group == 1 and out == groups:   # depthwise: one multiply-add per tap
+    kernel = w_levels.reshape(kh * kw, out).astype(jnp.int32)
+    return sum(tap.astype(jnp.int32) * kernel[t] for t, tap in enumerate(taps))
+  patches = jnp.stack(taps, axis=3).reshape(n, h, w, kh * kw, groups, per_group)
   kernel = w_levels.reshape(kh * kw, per_group, groups, out // groups)
   acc = jnp.einsum("nhwkgc,kcgo->nhwgo", patches, kernel, preferred_element_type=jnp.int32)
   return acc.reshape(n, h, w, out)
 
 
-def integer_dot(a_codes, w_levels, dimension_numbers) -> jax.Array:
+def integer_dot(a_codes, w_levels, dimension_numbers, dtype=jnp.int32) -> jax.Array:
   """``dot_general(k_a, v)`` with an int32 accumulator (the integer form of a dense layer).
 
   Args:
     a_codes: integer activation codes.
     w_levels: integer weight levels.
     dimension_numbers: as ``lax.dot_general``.
+    dtype: the integer type the operands are multiplied in (:func:`operand_dtype`).
 
   Returns:
     The exact int32 product.
   """
-  return lax.dot_general(a_codes, w_levels, dimension_numbers, preferred_element_type=jnp.int32)
+  return lax.dot_general(jnp.asarray(a_codes).astype(dtype), jnp.asarray(w_levels).astype(dtype), dimension_numbers,
+                         preferred_element_type=jnp.int32)
 
 
 def contraction_size(kernel_shape, op: str, params: Mapping[str, Any]) -> int:

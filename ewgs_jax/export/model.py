@@ -249,6 +249,10 @@ def _prepare(layer: _Layer, quantities: Mapping[str, Any]) -> tuple[dict[str, np
   return arrays, meta
 
 
+def _dimension_numbers(op_params) -> tuple:
+  return tuple(tuple(tuple(d) for d in pair) for pair in op_params["dimension_numbers"])
+
+
 def integer_layer(meta: Mapping[str, Any], a: Mapping[str, jax.Array], x) -> tuple[jax.Array, jax.Array]:
   """One exported layer on its float input: ``(acc, y)`` with ``y = scale acc + bias``.
 
@@ -276,20 +280,23 @@ def integer_layer(meta: Mapping[str, Any], a: Mapping[str, jax.Array], x) -> tup
   else:
     lhs = x
   exact = meta["weight"] is not None and meta["act"] is not None
-  if not exact:
-    lhs, rhs = lhs.astype(jnp.float32), rhs.astype(jnp.float32)
   p = meta["op_params"]
-  if meta["op"] == "conv":
-    if exact:
-      acc = integer.integer_conv(lhs, rhs, p["strides"], [tuple(q) for q in p["padding"]], p["feature_group_count"])
+  if exact:
+    w = meta["weight"]
+    operands = integer.operand_dtype(2 ** meta["act"]["bits"] - 1, abs(w["offset"]),
+                                     abs(w["step"] * (2 ** w["bits"] - 1) + w["offset"]))
+    if meta["op"] == "conv":
+      acc = integer.integer_conv(lhs, rhs, p["strides"], [tuple(q) for q in p["padding"]], p["feature_group_count"],
+                                 dtype=operands)
     else:
-      acc = lax.conv_general_dilated(lhs, rhs, p["strides"], [tuple(q) for q in p["padding"]],
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                     feature_group_count=p["feature_group_count"], precision="highest")
+      acc = integer.integer_dot(lhs, rhs, _dimension_numbers(p), dtype=operands)
+  elif meta["op"] == "conv":
+    acc = lax.conv_general_dilated(lhs.astype(jnp.float32), rhs.astype(jnp.float32), p["strides"],
+                                   [tuple(q) for q in p["padding"]], dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                   feature_group_count=p["feature_group_count"], precision="highest")
   else:
-    dn = tuple(tuple(tuple(d) for d in pair) for pair in p["dimension_numbers"])
-    acc = (integer.integer_dot(lhs, rhs, dn) if exact
-           else lax.dot_general(lhs, rhs, dn, precision="highest"))
+    acc = lax.dot_general(lhs.astype(jnp.float32), rhs.astype(jnp.float32), _dimension_numbers(p),
+                          precision="highest")
   y = acc.astype(jnp.float32) * a["scale"] + a["bias"]
   return acc, y.astype(dtype)
 

@@ -64,6 +64,15 @@ class IntegerModel:
       self._device_arrays = jax.device_put(self.arrays)
     return self._call(self._device_arrays, jax.numpy.asarray(images, jax.numpy.float32))
 
+  def nbytes(self) -> dict[str, int]:
+    """What the file holds, by part: the arrays (packed codes, scales, float layers) and the forward.
+
+    Returns:
+      ``{"arrays": bytes of all arrays, "forward": bytes of the serialized forward}``.
+    """
+    return {"arrays": int(sum(np.asarray(a).nbytes for a in self.arrays.values())),
+            "forward": len(self.exported.serialize())}
+
   def save(self, path: str) -> int:
     """Writes the model to one ``.npz`` file (atomically: a temporary file, then a rename).
 
