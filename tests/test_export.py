@@ -25,8 +25,10 @@ from ewgs_jax import estimators, initialization, models, names, ops, quantizers
 from ewgs_jax.export import check, integer, model as export_model, packing, runtime
 from ewgs_jax.layers import QuantConfig, QuantizerSpec
 
-LAYER_TOL = 1e-5   # one layer, same input: float32 rounding of the requantization (and of the fake float sums)
-REL_TOL = 1e-5     # whole model, when every activation code agrees
+# Float32 rounding of the fake-quantized sums and of the requantization is ~1e-6 relative; LSQ's
+# fake-quantized weights carry their own ~1e-5 at 8 bits ((k / n) n - Q_N in float32), hence 1e-4.
+LAYER_TOL = 1e-4   # one layer, same input
+REL_TOL = 1e-4     # whole model, when every activation code agrees
 MAX_FLIPS = 1e-2   # whole model: fraction of activation codes that may differ (see assert_integer_model_matches)
 METHODS = ("interval", "pact", "lsq", "dorefa")
 BITS = (1, 2, 4, 8)

@@ -24,7 +24,8 @@ def kernel(seed=0, shape=(3, 3, 4, 5)):
 
 
 def per_channel_params(method, w, bits):
-  return {suffix: quantizers.per_channel(init)(w, bits, True) for suffix, init in quantizers.get_method(method).params.items()}
+  inits = quantizers.get_method(method).params
+  return {suffix: quantizers.per_channel(init)(w, bits, True) for suffix, init in inits.items()}
 
 
 @pytest.mark.parametrize("method", PER_CHANNEL_METHODS)

@@ -1,4 +1,6 @@
-"""Exports a finished quantized run to one integer-model file and checks it: ``python -m ewgs_jax.export WORKDIR OUTPUT``.
+"""Exports a finished quantized run to one integer-model file and checks it.
+
+``python -m ewgs_jax.export WORKDIR OUTPUT``
 
 Reads ``WORKDIR`` (its ``config.json``, ``summary.json`` and latest checkpoint), writes ``OUTPUT`` (one
 ``.npz``: packed weight codes, requantization scales, the full-precision first/last layers, the
@@ -121,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     result = export_and_check(args.workdir, args.output, platforms)
   except (workdir_lib.RunError, NotImplementedError, ValueError, OSError, ImportError) as e:
     _fail(str(e))
-  failed = [f"agreement {result['agreement']:.4f} < {args.min_agreement}"] if result["agreement"] < args.min_agreement else []
+  failed = []
+  if result["agreement"] < args.min_agreement:
+    failed.append(f"agreement {result['agreement']:.4f} < {args.min_agreement}")
   if result["max_rel_logit_error"] > args.max_rel_error:
     failed.append(f"max_rel_logit_error {result['max_rel_logit_error']:.3g} > {args.max_rel_error}")
   if failed:

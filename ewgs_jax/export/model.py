@@ -136,7 +136,8 @@ def _foldable(module: nn.BatchNorm, args, kwargs) -> bool:
 
 
 def _bn_affine(module: nn.BatchNorm) -> dict:
-  """The BatchNorm as ``y = mul x + shift`` per channel (float64, as Flax: ``(x - mean) rsqrt(var + eps) scale + bias``)."""
+  """The BatchNorm as ``y = mul x + shift`` per channel, in float64 (Flax computes
+  ``(x - mean) rsqrt(var + eps) scale + bias``)."""
   params, stats = module.variables.get(names.PARAMS, {}), module.variables[names.BATCH_STATS]
   mean, var = np.asarray(stats["mean"], np.float64), np.asarray(stats["var"], np.float64)
   mul = 1.0 / np.sqrt(var + module.epsilon)
@@ -351,7 +352,8 @@ def forward_function(model: nn.Module, layers_meta: Mapping[str, dict], apply_kw
       if isinstance(module, nn.BatchNorm) and path in folded:
         acc, y = results.get(folded[path], (None, None))
         if y is None or args[0] is not y:
-          raise NotImplementedError(f"BatchNorm {path!r} was folded into {folded[path]!r} but is called on another input")
+          raise NotImplementedError(f"BatchNorm {path!r} was folded into {folded[path]!r} but is called on "
+                                    "another input")
         return folded_output(per_layer[folded[path]], acc, module.dtype or jnp.float32)
       return next_fun(*args, **kwargs)
 
