@@ -5,8 +5,8 @@
         [--block-samples 1] [--block-batches 1] [--repeats 3] [--spread-samples 32]
         [--spread-block-samples 2] [--init-from FP_WORKDIR] [--data-dir TFDS_DIR]
 
-1. Train step: ``training.make_steps``' jitted step (value_and_grad + optimizer update).
-2. Refresh cost: ``DeltaRefreshPolicy.refresh`` over ``--batches`` batches, no early stop, with
+1. Train step: ``steps.train_step`` jitted as training does (value_and_grad + optimizer update).
+2. Refresh cost: the EWGS rule's ``DeltaRefresh`` action over ``--batches`` batches, no early stop, with
    ``--joint-samples`` HVPs per batch (joint), with the HVPs from ``jax.linearize`` (one gradient
    pass per batch, the default) and from a fresh ``jax.jvp`` per probe; and blockwise with
    ``--block-samples`` HVPs per block per batch over ``--block-batches`` batches (``blocks x
@@ -30,15 +30,16 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import time_interleaved  # noqa: E402
+from common import time_interleaved, train_case  # noqa: E402
 
-from ewgs_jax import checkpoints, data, hessian, initialization, layers, parallel, training  # noqa: E402
-from ewgs_jax.config import load_config  # noqa: E402
+from ewgs_jax import checkpoints, data, hessian, initialization, parallel, rules, steps as steps_lib, training  # noqa: E402
+from ewgs_jax.configs import load_config  # noqa: E402
+from ewgs_jax.rules import ewgs as ewgs_rule  # noqa: E402
 
 
-def per_sample_values(model, variables, batch, key, samples: int, blockwise: bool):
+def per_sample_values(loss_fn, found, variables, batch, key, samples: int, blockwise: bool):
   """``[samples, blocks]`` single-sample Hutchinson values ``v_i^T (H v)_i / N_i``."""
-  loss, zeros = hessian.probe_loss(model, variables, batch)
+  loss, zeros = hessian.probe_loss(loss_fn, variables, batch, found)
   leaves, treedef = jax.tree.flatten(zeros)
   _, hvp = jax.linearize(jax.grad(loss), zeros)
   n = len(leaves)
@@ -95,38 +96,33 @@ def main():
   init = (functools.partial(initialization.init_variables, model) if fp_variables is None
           else functools.partial(initialization.warm_start, model, fp_variables))
   variables = jax.jit(init)(jax.random.key(0), batches[0]["image"])
-  tx = training.make_optimizer(config, 1000)
-  train_step, _ = training.make_steps(model, tx, config, mesh, 1000,
-                                     initialization.rules_in_use(model, batches[0]["image"]))
-  copy = lambda tree: jax.tree.map(jnp.copy, tree)       # the train step donates its state
-  state = {"s": training.TrainState(step=jnp.zeros((), jnp.int32), params=copy(variables["params"]),
-                                    batch_stats=copy(variables["batch_stats"]),
-                                    quant_state=copy(variables["quant_state"]), opt_state=tx.init(variables["params"]))}
-
-  def step():
-    state["s"], metrics = train_step(state["s"], batches[0], jax.random.key(1))
-    return metrics["loss"]
+  step, _ = train_case(config, batches[0], mesh)
+  loss_fn = steps_lib.action_loss(model)
+  found = hessian.find_quantizers(loss_fn, variables, batches[0], rule="ewgs")
 
   step_time = time_interleaved({"step": step}, repeats=3)["step"]
   print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}; batch {args.batch}; "
         f"train step {step_time:.3f} s", flush=True)
 
-  policy = hessian.DeltaRefreshPolicy(mode="hessian")
   refresh = {}
+  names = found.paths
   for mode, hvp, samples, repeats, num in (("joint", "linearize", args.joint_samples, args.repeats, args.batches),
                                            ("joint", "jvp", args.joint_samples, 1, args.batches),
                                            ("blockwise", "linearize", args.block_samples, 1, args.block_batches)):
-    estimator = hessian.make_trace_estimator(model, mode=mode, max_samples=samples, tolerance=0.0, hvp=hvp)
-    jax.block_until_ready(estimator(variables, batches[0], jax.random.key(99)))   # compile
+    # the EWGS rule's own refresh action, without its early stop
+    action = ewgs_rule.DeltaRefresh(rules.get("ewgs").resolve(
+        {"hessian_mode": mode, "hvp": hvp, "max_samples": samples, "tolerance": 0.0, "num_batches": num}))
+    inputs = lambda key: rules.ActionInput(rules.Clock(10, 10, 1000), variables, loss_fn, batches[:num], key,
+                                           lambda: False)
+    jax.block_until_ready(action(inputs(jax.random.key(99)))[0])   # compile
     times, deltas = [], []
     for r in range(repeats):
       start = time.perf_counter()
-      _, report = policy.refresh(estimator, variables, batches[:num], jax.random.key(r))
+      new, _ = action(inputs(jax.random.key(r)))
       times.append(time.perf_counter() - start)
-      deltas.append(report)
-    names = sorted(deltas[0])
+      deltas.append([float(jax.tree.leaves(new)[q.leaf]) for q in found.ordered])
     if hvp == "linearize":
-      refresh[mode] = (np.median(times), np.asarray([[d[n] for n in names] for d in deltas]), names)
+      refresh[mode] = (np.median(times), np.asarray(deltas), names)
     per_batch = np.median(times) / num
     print(f"{mode:>9} refresh, hvp {hvp:<9} ({num} batches, {samples} samples{' per block' if mode == 'blockwise' else ''}):"
           f" {np.median(times):8.2f} s = {np.median(times) / step_time:6.1f} training steps"
@@ -137,8 +133,8 @@ def main():
         f"with a nonzero mean) {np.median(_rel(joint_deltas.std(0), joint_deltas.mean(0))):.1%}")
 
   def values(key, samples, blockwise):
-    return np.asarray(jax.jit(per_sample_values, static_argnums=(0, 4, 5))(
-        model, variables, batches[0], key, samples, blockwise))
+    return np.asarray(jax.jit(functools.partial(per_sample_values, loss_fn, found), static_argnums=(3, 4))(
+        variables, batches[0], key, samples, blockwise))
   joint = values(jax.random.key(7), args.spread_samples, False)
   block = values(jax.random.key(8), args.spread_block_samples, True)
   n = joint.shape[1]

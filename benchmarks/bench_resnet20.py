@@ -3,7 +3,7 @@
     python benchmarks/bench_resnet20.py [--batch 256] [--repeats 5] [--conv auto,xla,fast]
     python benchmarks/bench_resnet20.py --cases fp,ste,pege,pege:rbg,pege:unsafe_rbg   # PEGE mask PRNGs
 
-Each case is the real jitted ``train_step`` of :mod:`ewgs_jax.training` (forward, backward,
+Each case is the real jitted ``train_step`` of :mod:`ewgs_jax.steps` (forward, backward,
 optimizer update, BatchNorm) on random 32x32x3 data, timed with interleaved repeats. Prints
 medians, images/s, and every case's ratio to full precision with the same convolution.
 """
@@ -18,32 +18,17 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import time_interleaved  # noqa: E402
+from common import time_interleaved, train_case  # noqa: E402
 
-from ewgs_jax import initialization, layers, ops, parallel, training  # noqa: E402
-from ewgs_jax.config import load_config  # noqa: E402
+from ewgs_jax import ops, parallel  # noqa: E402
+from ewgs_jax.configs import load_config  # noqa: E402
 
 
-def make_case(backward: str | None, batch: dict, mesh, steps: int = 1000, conv_impl: str = "auto",
+def make_case(rule: str | None, batch: dict, mesh, steps: int = 1000, conv_impl: str = "auto",
               rng_impl: str = "threefry2x32"):
-  config = load_config("cifar10_resnet20", "fp" if backward is None else f"w2a2_{backward}")
+  config = load_config("cifar10_resnet20", "fp" if rule is None else f"w2a2_{rule}")
   config.conv_impl = conv_impl
-  model = training.build_model(config, 10)
-  tx = training.make_optimizer(config, steps)
-  train_step, _ = training.make_steps(model, tx, config, mesh, steps,
-                                     initialization.rules_in_use(model, batch["image"]))
-  variables = jax.jit(lambda k, x: initialization.init_variables(model, k, x))(jax.random.key(0), batch["image"])
-  state = training.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                              batch_stats=variables["batch_stats"], quant_state=variables.get("quant_state", {}),
-                              opt_state=tx.init(variables["params"]))
-  holder = {"state": state}
-  key = jax.random.key(1, impl=rng_impl)   # the replacement masks' PRNG (config pege.rng_impl)
-
-  def run():
-    holder["state"], metrics = train_step(holder["state"], batch, key)
-    return metrics["loss"]
-
-  return run
+  return train_case(config, batch, mesh, steps, rng_impl)[0]
 
 
 def main():
@@ -60,8 +45,8 @@ def main():
   fns = {}
   for impl in args.conv.split(","):
     for case in args.cases.split(","):
-      backward, _, rng_impl = case.partition(":")
-      fns[f"{case} / conv {ops.selected_impl(impl)}"] = make_case(None if backward == "fp" else backward, batch, mesh,
+      rule, _, rng_impl = case.partition(":")
+      fns[f"{case} / conv {ops.selected_impl(impl)}"] = make_case(None if rule == "fp" else rule, batch, mesh,
                                                                    conv_impl=impl, rng_impl=rng_impl or "threefry2x32")
   medians = time_interleaved(fns, repeats=args.repeats)
   print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}, batch {args.batch}")

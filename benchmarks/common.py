@@ -35,3 +35,35 @@ def print_table(medians: dict[str, float], baseline: str, unit: str = "ms") -> N
   print(f"{'case':<32} {'median ' + unit:>12} {'ratio':>8}")
   for name, value in medians.items():
     print(f"{name:<32} {value * scale:>12.2f} {value / medians[baseline]:>8.3f}")
+
+
+def train_case(config, batch: dict, mesh, steps: int = 1000, rng_impl: str = "threefry2x32"):
+  """The training program's own jitted train step for ``config`` (ResNet on ``batch``), as a thunk.
+
+  Returns:
+    ``(run, parts)``: ``run()`` does one step and returns its loss; ``parts`` holds the model, the
+    initial variables and the QAT object (``None`` for full precision).
+  """
+  import jax.numpy as jnp
+  from ewgs_jax import initialization, steps as steps_lib, training
+  from ewgs_jax.qat import QAT
+  model = training.build_model(config, 10)
+  tx = steps_lib.make_optimizer(config, steps, steps)
+  variables = jax.jit(lambda k, x: initialization.init_variables(model, k, x))(jax.random.key(0), batch["image"])
+  qat = None
+  if config.quant.enabled:
+    rules = initialization.layer_report(model, batch["image"], train=True).rules()
+    qat = QAT(model.quant, total_steps=steps, rules=rules)
+  train_step, _ = steps_lib.compile_steps(model, tx, qat, mesh)
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)       # the train step donates its state
+  holder = {"state": steps_lib.TrainState(step=jnp.zeros((), jnp.int32), params=copy(variables["params"]),
+                                          batch_stats=copy(variables["batch_stats"]),
+                                          quant_state=copy(variables.get("quant_state", {})),
+                                          opt_state=tx.init(variables["params"]))}
+  key = jax.random.key(1, impl=rng_impl)   # the replacement masks' PRNG (config pege.rng_impl)
+
+  def run():
+    holder["state"], metrics = train_step(holder["state"], batch, key)
+    return metrics["loss"]
+
+  return run, {"model": model, "variables": variables, "qat": qat}

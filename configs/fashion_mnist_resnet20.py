@@ -1,4 +1,4 @@
 """``train.py --config configs/fashion_mnist_resnet20.py[:VARIANT]``: the config lives in the package, :mod:`ewgs_jax.configs.fashion_mnist_resnet20`
-(loadable with ``ewgs_jax.config.load_config("fashion_mnist_resnet20", variant)``)."""
+(loadable with ``ewgs_jax.configs.load_config("fashion_mnist_resnet20", variant)``)."""
 
 from ewgs_jax.configs.fashion_mnist_resnet20 import get_config  # noqa: F401

@@ -1,34 +1,46 @@
-"""ewgs-jax: quantization-aware training in JAX with EWGS and PEGE gradient estimators.
+"""ewgs-jax: quantization-aware training in JAX/Flax with the EWGS and PEGE gradient estimators.
 
 The functional core composes in plain JAX code::
 
     import functools, ewgs_jax as ej
     disc = functools.partial(ej.ewgs, delta=0.01)           # backward rule (EWGS Eq. 4)
     w_q = ej.interval(w, lower, upper, bits=2, weight=True, discretizer=disc)   # EWGS Eq. 1-3
+
+Models: :func:`quantize` (an unmodified Flax Linen model) or the layers of :mod:`ewgs_jax.layers`,
+set up by a :class:`QuantConfig`; any training loop drives the rules' machinery through :class:`QAT`.
 """
 
-from ewgs_jax.estimators import Discretizer, ewgs, get_estimator, pege, pege_relative, round_to_grid, ste
+from ewgs_jax.estimators import Discretizer, ewgs, pege, pege_relative, round_to_grid, ste
 from ewgs_jax.quantizers import clip, dorefa, interval, lsq, pact, scale_gradient
 from ewgs_jax.replacement import quantizer_key, replace, replacement_mask
-from ewgs_jax import schedules
+from ewgs_jax import rules, schedules
+from ewgs_jax.quantconfig import QuantConfig, QuantizerSpec
 
 __version__ = "0.1.0"
 
+_LAZY = {   # the Flax parts load on first use: `import ewgs_jax` stays free of Flax
+    "quantize": "interception", "quantizing": "interception", "QuantizedModel": "interception",
+    "QuantContext": "layers", "QAT": "qat",
+}
 
-def __getattr__(name):   # the Flax parts load on first use: `import ewgs_jax` stays free of Flax
-  if name in ("quantize", "quantizing", "QuantizedModel"):
-    from ewgs_jax import interception
-    return getattr(interception, name)
+
+def __getattr__(name):
+  if name in _LAZY:
+    import importlib
+    return getattr(importlib.import_module(f"ewgs_jax.{_LAZY[name]}"), name)
   raise AttributeError(f"module 'ewgs_jax' has no attribute {name!r}")
 
 
 __all__ = [
     "Discretizer",
+    "QAT",
+    "QuantConfig",
+    "QuantContext",
     "QuantizedModel",
+    "QuantizerSpec",
     "clip",
     "dorefa",
     "ewgs",
-    "get_estimator",
     "interval",
     "lsq",
     "pact",
@@ -40,6 +52,7 @@ __all__ = [
     "replace",
     "replacement_mask",
     "round_to_grid",
+    "rules",
     "scale_gradient",
     "schedules",
     "ste",

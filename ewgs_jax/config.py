@@ -1,148 +1,180 @@
-"""The training configuration: every key, its default, and validation that fails before compiling.
+"""The training configuration: every key, its default and meaning, and validation before compiling.
 
-Config files in ``configs/`` start from :func:`default_config` and override what they need, so the
-set of keys is defined in one place. :func:`validate` rejects unknown keys (with a near-miss
-suggestion) and invalid values (with the list of valid choices) before any JAX work starts.
+The core keys are defined here, one comment each (``--config_keys`` prints them); each backward rule
+adds its own section ``config.<rule>`` from its declared settings (:mod:`ewgs_jax.rules`), so a new
+rule brings its keys, meanings and checks with it. Config files (``ewgs_jax/configs``) start from
+:func:`default_config` and override what they need. :func:`validate` rejects unknown keys (with a
+near-miss suggestion) and invalid values (with the valid choices) before any JAX work starts;
+:func:`quant_config` turns the ``quant`` section and the rules' sections into a
+:class:`~ewgs_jax.quantconfig.QuantConfig`.
+
+Renamed keys (0.2.0) keep working for one release with a deprecation warning: ``quant.backward`` ->
+``quant.rule``, ``quant.rules`` -> ``quant.overrides``, ``delta.*`` -> ``ewgs.*``.
 """
 
 from __future__ import annotations
 
 import difflib
+import inspect
+import logging
 import re
 from typing import Any
 
 import ml_collections
 
-from ewgs_jax import estimators, quantizers, schedules
-from ewgs_jax.estimators import MAX_BITS, MIN_BITS, PEGE_MU_SCALES
-from ewgs_jax.hessian import HESSIAN_MODES, HVP_METHODS
+from ewgs_jax import quantizers, rules
+from ewgs_jax.estimators import MAX_BITS, MIN_BITS
 from ewgs_jax.hostmem import MODES as HOST_ALLOCATORS
 from ewgs_jax.ops import IMPLS as CONV_IMPLS
-from ewgs_jax.quantconfig import FACTOR_TARGETS
-from ewgs_jax.replacement import GRANULARITIES
-from ewgs_jax.schedules import DELTA_MODES, MU_SCHEDULES, RATE_SCHEDULES
+from ewgs_jax.quantconfig import QuantConfig, QuantizerSpec
 
-PEGE_MU_MAX = 1e-2   # in units of 3 sigma(g_q): chosen by the Fashion-MNIST sweep (README, "Calibration")
-RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+log = logging.getLogger(__name__)
 MATMUL_PRECISIONS = ("default", "high", "highest")
 OPTIMIZERS = ("adam", "sgd")
-LR_SCHEDULES = ("cosine", "constant")
+LR_SCHEDULES = ("cosine", "cosine_epochs", "constant")
+#: old key -> new key (renamed in 0.2.0; the old ones work for one release, with a warning).
+RENAMED = {"quant.backward": "quant.rule", "quant.rules": "quant.overrides",
+           **{f"delta.{key}": f"ewgs.{key}" for key in ("mode", "every_epochs", "fixed_value", "hessian_mode", "hvp",
+                                                        "num_batches", "batch_size", "max_samples", "tolerance")}}
+_PLACEHOLDER_TYPES = {str: str, int: int, float: float, bool: bool, tuple: tuple}
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """All keys with their defaults (the EWGS CIFAR-10 ResNet-20 QAT setting where one applies)."""
+  """All keys with their defaults (the EWGS CIFAR-10 ResNet-20 QAT setting where one applies).
+
+  Returns:
+    A new ``ConfigDict``: the core keys below plus one section per registered rule with settings.
+  """
   c = ml_collections.ConfigDict()
   c.seed = 0                    # initialisation, data order and PEGE replacement masks
   # Data.
   c.dataset = "digits"          # 'digits' (bundled), 'mnist'/'fashion_mnist' (IDX files or tfds), 'npz:PATH', any tfds name
-  c.data_dir = ml_collections.config_dict.placeholder(str)
+  c.data_dir = ml_collections.config_dict.placeholder(str)   # where the dataset's files are (tfds data_dir, IDX files)
   c.validation_examples = 0     # > 0: hold out this many training examples and evaluate on them, not on test
   c.train_examples = 0          # > 0: train on a fixed subset of this many examples
-  c.augment = True
-  c.batch_size = 256            # global, over all devices and hosts
-  c.eval_batch_size = 500
-  c.num_epochs = 400
-  c.num_train_steps = -1        # > 0 caps the run (tests, benchmarks)
-  c.data_workers = 2
+  c.augment = True              # random crop (and flip where it preserves the image), on the device
+  c.batch_size = 256            # global training batch, over all devices and hosts
+  c.eval_batch_size = 500       # global evaluation batch
+  c.num_epochs = 400            # length of the run in passes over the training split
+  c.num_train_steps = -1        # > 0 caps the run at this many steps (tests, benchmarks)
+  c.data_workers = 2            # host workers decoding and batching records
   # Model.
-  c.model = "resnet20"
-  c.model_kwargs = ml_collections.ConfigDict()
+  c.model = "resnet20"          # a name in ewgs_jax.models.MODELS
+  c.model_kwargs = ml_collections.ConfigDict()   # the model's keyword arguments (e.g. stage_widths)
   c.half_precision = False      # bfloat16 activations/compute, float32 params
-  c.conv_impl = "auto"          # 'fast' custom-VJP conv on CPU, XLA's elsewhere
+  c.conv_impl = "auto"          # 'fast' custom-VJP conv on CPU, XLA's elsewhere (ewgs_jax.ops)
   c.host_allocator = "auto"     # 'tuned' glibc malloc for XLA:CPU (ewgs_jax.hostmem); applied by train.py
   c.matmul_precision = "default"  # 'default' (TF32 on recent GPUs), 'high', 'highest' (full float32 everywhere)
   c.deterministic = False       # GPU: deterministic XLA ops (bit-exact resume; slower); set by train.py at start
-  # Quantization (EWGS Sec. 3.1; PEGE Sec. 3.1). quant.enabled=False trains full precision.
+  # Quantization (EWGS Sec. 3.1; PEGE Sec. 3.1).
   c.quant = ml_collections.ConfigDict()
-  c.quant.enabled = True
-  c.quant.weight_method = "interval"
-  c.quant.act_method = "interval"
-  c.quant.weight_bits = 2
-  c.quant.act_bits = 2
-  c.quant.backward = "ewgs"     # ste | ewgs | pege | any rule in estimators.RULES
-  c.quant.quantize_first_last = False
-  c.quant.rules = ()            # ((regex, {"bits": 4, ...}), ...) per-layer overrides
-  c.init_from = ml_collections.config_dict.placeholder(str)   # full-precision workdir to warm start
-  # EWGS delta (EWGS Sec. 3.2, 4.1): Hessian refresh every k epochs, delta = 0 before the first.
-  c.delta = ml_collections.ConfigDict()
-  c.delta.mode = "hessian"      # hessian | fixed | off
-  c.delta.every_epochs = 10
-  c.delta.fixed_value = 1e-3    # EWGS Table 4 "fixed"
-  c.delta.hessian_mode = "joint"
-  c.delta.hvp = "linearize"      # 'linearize': one gradient pass per batch, HVPs reuse it; 'jvp': less memory
-  c.delta.num_batches = 3
-  c.delta.batch_size = 256
-  c.delta.max_samples = 50
-  c.delta.tolerance = 1e-3
-  # PEGE (PEGE Sec. 3.2). The paper gives no values for B, b, k, mu_max. Ramps are fractions of the
-  # run (so a 10-epoch and a 400-epoch run follow the same curriculum): p starts at log_10(2) = 0.3
-  # and reaches 1 at 10 % of the run; mu reaches 99 % of mu_max at 10 %. rate_ramp / mu_ramp = 0
-  # takes the paper's per-step constants from rate_kwargs (base, k, b) / mu_kwargs (mu_max, k).
-  # mu_scale 'gradient': mu in units of 3 sigma(g_q) per quantizer (invariant to loss scale, batch
-  # and layer size; estimators.pege_relative); 'absolute': PEGE Eq. 5 as written.
-  c.pege = ml_collections.ConfigDict()
-  c.pege.rate_schedule = "logarithmic"
-  c.pege.rate_kwargs = ml_collections.ConfigDict({"base": 10.0, "b": 2.0})
-  c.pege.rate_ramp = 0.1
-  c.pege.mu_schedule = "exponential"
-  c.pege.mu_kwargs = ml_collections.ConfigDict({"mu_max": PEGE_MU_MAX})
-  c.pege.mu_ramp = 0.1
-  c.pege.mu_scale = "gradient"
-  c.pege.mu_on = "both"         # quantizers that get the mu term: both (PEGE Eq. 5: weights/activations) | weights | activations
-  c.pege.granularity = "element"
-  c.pege.rng_impl = "threefry2x32"  # PRNG of the replacement masks: threefry2x32 | rbg | unsafe_rbg (cheaper)
+  c.quant.enabled = True        # False: train full precision
+  c.quant.weight_method = "interval"   # forward method of the weight quantizers (interval, pact, lsq, dorefa, none)
+  c.quant.act_method = "interval"      # forward method of the activation quantizers
+  c.quant.weight_bits = 2       # bit width of the weight quantizers
+  c.quant.act_bits = 2          # bit width of the activation quantizers
+  c.quant.rule = "ewgs"         # backward rule of every quantizer: ste | ewgs | pege | any registered rule
+  c.quant.quantize_first_last = False   # quantize the first and last layers too (full precision otherwise)
+  c.quant.overrides = ()        # ((regex on the layer path, {"bits": 4, "rule": "ste", ...}), ...) per-layer settings
+  c.quant.backward = ml_collections.config_dict.placeholder(str)   # deprecated: use quant.rule
+  c.quant.rules = ml_collections.config_dict.placeholder(tuple)    # deprecated: use quant.overrides
+  c.init_from = ml_collections.config_dict.placeholder(str)   # full-precision workdir to warm start from
   # Optimisers (EWGS Sec. 4.1): network weights and quantizer parameters separately.
-  c.optimizer = "adam"          # adam (CIFAR ResNet-20) | sgd (ImageNet)
-  c.learning_rate = 1e-3
-  c.momentum = 0.9
-  c.nesterov = False
-  c.weight_decay = 1e-4
-  c.lr_schedule = "cosine"      # cosine decay to 0 over the run
-  c.quant_learning_rate = 1e-5  # Adam, no weight decay
+  c.optimizer = "adam"          # network weights: adam (CIFAR ResNet-20) | sgd (ImageNet)
+  c.learning_rate = 1e-3        # network weights' initial learning rate
+  c.momentum = 0.9              # SGD momentum
+  c.nesterov = False            # SGD with Nesterov momentum
+  c.weight_decay = 1e-4         # coupled L2 on every network parameter (PyTorch's weight_decay)
+  c.lr_schedule = "cosine"      # 'cosine': decay to 0 per step; 'cosine_epochs': per epoch (the official code); 'constant'
+  c.quant_learning_rate = 1e-5  # quantizer parameters (bounds, output scale): Adam, no weight decay
   # Checkpoints, logging, distribution.
-  c.checkpoint_every_steps = 0  # 0: every epoch
-  c.keep_checkpoints = 2
-  c.log_every_steps = 50
-  c.eval_every_epochs = 1
-  c.progress_bar = True
+  c.checkpoint_every_steps = 0  # 0: a checkpoint every epoch only; > 0: also every this many steps
+  c.keep_checkpoints = 2        # how many recent checkpoints to keep (plus the best)
+  c.log_every_steps = 50        # fetch and log training metrics every this many steps
+  c.eval_every_epochs = 1       # evaluate every this many epochs (and at the end)
+  c.progress_bar = True         # a progress line on the terminal
   c.distributed = ml_collections.ConfigDict()
-  c.distributed.enabled = False
-  c.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)
-  c.distributed.num_processes = ml_collections.config_dict.placeholder(int)
-  c.distributed.process_id = ml_collections.config_dict.placeholder(int)
+  c.distributed.enabled = False                                              # call jax.distributed.initialize (several hosts)
+  c.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)   # host:port of process 0, where the platform does not say
+  c.distributed.num_processes = ml_collections.config_dict.placeholder(int)         # number of processes, where the platform does not say
+  c.distributed.process_id = ml_collections.config_dict.placeholder(int)            # this process's index, where the platform does not say
+  c.distributed.heartbeat_timeout_seconds = 100   # a process silent this long is lost: the others stop (exit 75)
+  for rule in rules.RULES.values():   # each rule's own section, from its declared settings
+    if rule.settings:
+      c[rule.name] = _section(rule)
+  c.delta = ml_collections.ConfigDict({old.split(".", 1)[1]: _placeholder(c.ewgs[new.split(".", 1)[1]])
+                                       for old, new in RENAMED.items() if old.startswith("delta.")})
   return c
 
 
-def describe() -> str:
-  """Every config key with its default and meaning (from the comments in :func:`default_config`).
+def _placeholder(value):
+  return ml_collections.config_dict.placeholder(_PLACEHOLDER_TYPES.get(type(value), object))
 
-  A key without its own comment gets its section's (the comment line above a group of keys).
-  ``python train.py --config_keys`` prints this.
-  """
-  import inspect
-  meanings: dict[str, str] = {}
-  section, in_comment = "", False
+
+def _section(rule: rules.Rule) -> ml_collections.ConfigDict:
+  section = ml_collections.ConfigDict()
+  for key, value in rule.defaults().items():
+    if rule.settings[key].free_form:   # every keyword settable from the command line; unset ones are None
+      section[key] = ml_collections.ConfigDict({k: (ml_collections.config_dict.placeholder(float) if v is None else v)
+                                                for k, v in value.items()})
+    else:
+      section[key] = value
+  return section
+
+
+def _core_meanings() -> dict[str, str]:
+  """``{key: meaning}`` from the comment on each core key's line in :func:`default_config`."""
+  meanings = {}
   for line in inspect.getsource(default_config).splitlines():
-    stripped = line.strip()
-    if stripped.startswith("#"):   # a section comment, possibly over several lines
-      text = stripped.lstrip("# ").rstrip()
-      section, in_comment = (f"{section} {text}" if in_comment else text), True
-      continue
-    in_comment = False
-    match = re.match(r"c\.([\w.]+)\s*=\s*(.*?)\s*(?:#\s*(.*))?$", stripped)
+    match = re.match(r"\s*c\.([\w.]+)\s*=.*?#\s*(.*)$", line)
     if match:
-      meanings[match[1]] = match[3] or section
+      meanings[match[1]] = match[2].strip()
+  return meanings
+
+
+def meanings() -> dict[str, str]:
+  """Every flattened key's meaning: the core keys' comments and the rules' declared settings.
+
+  Returns:
+    ``{key: one line}``.
+  """
+  out = _core_meanings()
+  for rule in rules.RULES.values():
+    for key, setting in rule.settings.items():
+      out[f"{rule.name}.{key}"] = setting.meaning
+      if setting.free_form:
+        for sub in setting.default:
+          out[f"{rule.name}.{key}.{sub}"] = f"{sub}: one of the arguments above ({key})"
+  for old, new in RENAMED.items():
+    out[old] = f"deprecated: use {new}"
+  return out
+
+
+def describe() -> str:
+  """Every config key with its default and meaning (``python train.py --config_keys`` prints this).
+
+  Returns:
+    One line per key.
+  """
+  known = meanings()
   rows = []
   for key, value in _flatten(default_config()).items():
-    meaning = meanings.get(key) or meanings.get(key.rsplit(".", 1)[0], "")
-    rows.append((key, repr(value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value), meaning))
+    shown = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+    rows.append((key, repr(shown), known.get(key, "")))
   width = max(len(k) + len(v) for k, v, _ in rows) + 4
   return "\n".join(f"{f'{k} = {v}':<{width}} {m}".rstrip() for k, v, m in rows)
 
 
 def known_keys() -> list[str]:
-  """Every valid (flattened) config key."""
+  """Every valid (flattened) config key.
+
+  Returns:
+    The sorted keys.
+  """
   return sorted(_flatten(default_config()))
+
+
+FREE_FORM = ("model_kwargs",)   # sub-dicts whose keys are forwarded as keyword arguments, checked by their consumer
 
 
 def unknown_key_message(keys: list[str]) -> str:
@@ -163,60 +195,53 @@ def unknown_key_message(keys: list[str]) -> str:
           f"(with defaults and meanings: python train.py --config_keys)")
 
 
-def pege_schedules(pege: ml_collections.ConfigDict, total_steps: int):
-  """``(p_T, mu_T)`` step functions from ``config.pege`` for a run of ``total_steps`` (PEGE Eq. 4, Sec. 3.2).
-
-  A ramp given as a fraction of the run (``rate_ramp``, ``mu_ramp`` > 0) ends at
-  ``max(1, round(fraction * total_steps))``; a ramp of 0 uses the per-step constants in the kwargs.
+def migrate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Moves values given under renamed keys (:data:`RENAMED`) to their new keys, warning once each.
 
   Args:
-    pege: the ``config.pege`` section.
-    total_steps: the run's number of training steps.
+    config: the config (changed in place; the old keys are reset to ``None``).
 
   Returns:
-    ``(rate_fn, mu_fn)``, each mapping a step to ``p_T`` and ``mu_T`` respectively.
+    ``config``.
   """
-  def build(kind, kwargs, ramp, absolute, over):
-    kwargs = dict(kwargs)
-    if ramp > 0:
-      return over(kind, max(1, round(ramp * total_steps)), **kwargs)
-    return absolute(kind, **kwargs)
-
-  return (build(pege.rate_schedule, pege.rate_kwargs, pege.rate_ramp, schedules.rate_schedule,
-                schedules.rate_schedule_over),
-          build(pege.mu_schedule, pege.mu_kwargs, pege.mu_ramp, schedules.mu_schedule,
-                schedules.mu_schedule_over))
+  with config.unlocked():
+    for old, new in RENAMED.items():
+      old_section, old_key = old.split(".", 1)
+      value = config[old_section][old_key] if old_section in config else None
+      if value is None:
+        continue
+      new_section, new_key = new.split(".", 1)
+      log.warning("config key %s is deprecated and will be removed; use %s (set %s=%r)", old, new, new, value)
+      config[new_section][new_key] = value
+      config[old_section][old_key] = None
+  return config
 
 
 def apply_bits_variant(config: ml_collections.ConfigDict, variant: str, suffix: str) -> bool:
   """Sets bits and backward rule from a ``w<bits>a<bits>_<rule>[suffix]`` variant name.
 
-  ``<rule>`` is any registered backward rule (:data:`ewgs_jax.estimators.RULES`). A side with 32
-  bits stays full precision (``W1A32``). Rules whose factor lives in ``quant_state`` (EWGS) get
-  Hessian deltas, the others none.
+  ``<rule>`` is any registered backward rule (:data:`ewgs_jax.rules.RULES`). A side with 32 bits
+  stays full precision (``W1A32``).
 
   Args:
     config: the config to change in place.
     variant: e.g. ``"w2a2_ewgs"``.
-    suffix: an optional suffix the caller handles (e.g. ``"_ft"``).
+    suffix: an optional suffix the caller handles (e.g. ``"_fixed"``).
 
   Returns:
     Whether ``suffix`` was present.
   """
-  rules = "|".join(re.escape(name) for name in sorted(estimators.RULES, key=len, reverse=True))
-  match = re.fullmatch(rf"w(\d+)a(\d+)_({rules})({re.escape(suffix)})?", variant)
+  names = "|".join(re.escape(name) for name in sorted(rules.RULES, key=len, reverse=True))
+  match = re.fullmatch(rf"w(\d+)a(\d+)_({names})({re.escape(suffix)})?", variant)
   if match is None:
-    raise ValueError(f"unknown variant {variant!r}; valid: fp, w<bits>a<bits>_<{'|'.join(estimators.RULES)}>"
+    raise ValueError(f"unknown variant {variant!r}; valid: fp, w<bits>a<bits>_<{'|'.join(rules.RULES)}>"
                      f"[{suffix}]")
   for side, bits in (("weight", int(match[1])), ("act", int(match[2]))):
     if bits == 32:
       config.quant[f"{side}_method"] = "none"
     else:
       config.quant[f"{side}_bits"] = bits
-  config.quant.backward = match[3]
-  # delta.mode stays "hessian": the refresh runs only where a layer's resolved rule reads quant_state
-  # (EWGS), so it costs nothing in STE/PEGE runs and a per-layer EWGS rule under them still gets delta.
-  config.delta.mode = "hessian"
+  config.quant.rule = match[3]
   return match[4] is not None
 
 
@@ -224,28 +249,35 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
   out = {}
   for key, value in d.items():
     path = f"{prefix}{key}"
-    if isinstance(value, (ml_collections.ConfigDict, dict)) and key not in _FREE_FORM:
+    if isinstance(value, (ml_collections.ConfigDict, dict)) and key not in FREE_FORM:
       out.update(_flatten(value, path + "."))
     else:
       out[path] = value
   return out
 
 
-# Sub-dicts whose keys are forwarded as keyword arguments and checked by their consumer.
-_FREE_FORM = ("model_kwargs", "rate_kwargs", "mu_kwargs")
-
-
 def _choice(name: str, value, choices) -> None:
   if value not in choices:
-    raise ValueError(f"config.{name}={value!r} is invalid; valid choices: {list(choices)}")
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"config.{name}={value!r} is invalid; valid choices: {list(choices)}{hint}")
+
+
+def _positive_int(config, name: str) -> None:
+  value = config[name]
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ValueError(f"config.{name}={value!r} is invalid; it must be a positive integer")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ``ValueError`` for unknown keys or invalid values, listing what is valid.
 
+  Renamed keys are migrated first (:func:`migrate`).
+
   Args:
     config: the full config to check.
   """
+  migrate(config)
   known = _flatten(default_config())
   given = _flatten(config)
   unknown = sorted(set(given) - set(known))
@@ -256,31 +288,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
   q = config.quant
   _choice("quant.weight_method", q.weight_method, quantizers.method_names())
   _choice("quant.act_method", q.act_method, quantizers.method_names())
-  _choice("quant.backward", q.backward, sorted(estimators.RULES))
+  _choice("quant.rule", q.rule, sorted(rules.RULES))
   for name in ("weight_bits", "act_bits"):
     bits = q[name]
     if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
       raise ValueError(f"config.quant.{name}={bits!r} is invalid; valid choices: integers {MIN_BITS}..{MAX_BITS}")
-  _choice("delta.mode", config.delta.mode, DELTA_MODES)
-  _choice("delta.hessian_mode", config.delta.hessian_mode, HESSIAN_MODES)
-  _choice("delta.hvp", config.delta.hvp, HVP_METHODS)
-  _choice("pege.rate_schedule", config.pege.rate_schedule, sorted(RATE_SCHEDULES))
-  _choice("pege.mu_schedule", config.pege.mu_schedule, sorted(MU_SCHEDULES))
-  _choice("pege.granularity", config.pege.granularity, GRANULARITIES)
-  _choice("pege.mu_scale", config.pege.mu_scale, sorted(PEGE_MU_SCALES))
-  _choice("pege.rng_impl", config.pege.rng_impl, RNG_IMPLS)
-  _choice("pege.mu_on", config.pege.mu_on, FACTOR_TARGETS)
+  for rule in rules.RULES.values():
+    if rule.settings:
+      rule.check(_rule_settings(config, rule))
+  if q.enabled:
+    try:
+      quant_config(config)
+    except ValueError as e:
+      raise ValueError(f"config.quant: {e}") from None
   _choice("matmul_precision", config.matmul_precision, MATMUL_PRECISIONS)
-  for name in ("rate_ramp", "mu_ramp"):
-    if not 0.0 <= config.pege[name] <= 1.0:
-      raise ValueError(f"config.pege.{name}={config.pege[name]!r} is invalid; it must be a fraction of the run "
-                       "in (0, 1], or 0 for the per-step constants in the kwargs")
-  try:
-    pege_schedules(config.pege, total_steps=1000)
-  except (TypeError, ValueError, KeyError) as e:
-    raise ValueError(f"config.pege schedules are invalid: {e}") from None
   for name in ("validation_examples", "train_examples"):
-    if not isinstance(config[name], int) or config[name] < 0:
+    if isinstance(config[name], bool) or not isinstance(config[name], int) or config[name] < 0:
       raise ValueError(f"config.{name}={config[name]!r} is invalid; it must be an integer >= 0")
   _choice("optimizer", config.optimizer, OPTIMIZERS)
   _choice("lr_schedule", config.lr_schedule, LR_SCHEDULES)
@@ -288,10 +311,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice("host_allocator", config.host_allocator, HOST_ALLOCATORS)
   for name in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps", "keep_checkpoints",
                "eval_every_epochs"):
-    if not isinstance(config[name], int) or config[name] <= 0:
-      raise ValueError(f"config.{name}={config[name]!r} is invalid; it must be a positive integer")
-  if config.delta.every_epochs <= 0 or config.delta.num_batches <= 0 or config.delta.max_samples <= 0:
-    raise ValueError("config.delta.every_epochs, num_batches and max_samples must be positive integers")
+    _positive_int(config, name)
   if config.init_from and not config.quant.enabled:
     raise ValueError(f"config.init_from={config.init_from!r} is set on a full-precision run "
                      "(quant.enabled=False), which does not warm start; drop init_from, or enable quant")
@@ -300,18 +320,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{name}={config[name]!r} is invalid; it must be >= 0")
 
 
-def load_config(name: str, variant: str | None = None) -> ml_collections.ConfigDict:
-  """A shipped config, as ``train.py --config configs/<name>.py:<variant>`` loads it.
+def _rule_settings(config: ml_collections.ConfigDict, rule: rules.Rule) -> dict[str, Any]:
+  section = config[rule.name].to_dict()
+  return {k: ({sub: v for sub, v in value.items()} if rule.settings[k].free_form else value)
+          for k, value in section.items()}
+
+
+def quant_config(config: ml_collections.ConfigDict) -> QuantConfig | None:
+  """The model's quantization setting from ``config.quant`` and the rules' sections.
 
   Args:
-    name: a module of :mod:`ewgs_jax.configs` (``"cifar10_resnet20"``, ``"quickstart"``, ...).
-    variant: the variant argument of its ``get_config`` (``"w2a2_ewgs"``, ``"fp"``, ...).
+    config: the run's config.
 
   Returns:
-    The config.
+    The :class:`~ewgs_jax.quantconfig.QuantConfig`, or ``None`` for a full-precision run.
   """
-  import importlib
-  from ewgs_jax import configs
-  if name not in configs.NAMES:
-    raise ValueError(f"unknown config {name!r}; valid choices: {list(configs.NAMES)}")
-  return importlib.import_module(f"ewgs_jax.configs.{name}").get_config(variant)
+  migrate(config)
+  q = config.quant
+  if not q.enabled:
+    return None
+  return QuantConfig(
+      weight=QuantizerSpec(method=q.weight_method, rule=q.rule, bits=q.weight_bits),
+      act=QuantizerSpec(method=q.act_method, rule=q.rule, bits=q.act_bits),
+      quantize_first_last=q.quantize_first_last,
+      overrides=tuple((pattern, dict(values)) for pattern, values in q.overrides),
+      settings={rule.name: _rule_settings(config, rule) for rule in rules.RULES.values() if rule.settings})
+

@@ -21,7 +21,7 @@ and differs only in its backward rule, given the cotangent ``g = dL/dx_q``:
 traced arrays (scalars, or anything that broadcasts against ``x``, e.g. per channel); they receive
 no gradient (a zero cotangent), so they can be changed between steps without recompiling.
 
-Design choices (see ``DESIGN.md``, "Contracts"):
+Design choices (see ``ARCHITECTURE.md``, "Contracts"):
 
 * The rule is computed in float32 and the result cast back to the input dtype. For bfloat16 inputs
   this keeps ``(2^b - 1) x`` exact enough to round correctly for every supported bit width (bf16
@@ -36,10 +36,8 @@ Design choices (see ``DESIGN.md``, "Contracts"):
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import re
-from typing import Callable, Mapping
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -119,7 +117,7 @@ def rounding(x: Array, bits: int) -> tuple[Array, Array]:
 
   Returns:
     ``(x_q, x - x_q)`` in float32: ``x_q`` carries an STE derivative (second-order terms through
-    the rounding follow STE) and the error is a constant (``stop_gradient``), as ``DESIGN.md``'s
+    the rounding follow STE) and the error is a constant (``stop_gradient``), as ``ARCHITECTURE.md``'s
     contract asks; use it in the forward rule instead of calling the decorated function.
   """
   return _forward(x, check_bits(bits))
@@ -313,127 +311,3 @@ def pege_relative(x: Array, bits: int, mu: Array | float) -> Array:
     ``x_q`` (EWGS Eq. 2) in ``x.dtype``.
   """
   return _pege_relative(x, check_bits(bits), jnp.asarray(mu, jnp.float32))
-
-
-# --- the registry of backward rules -------------------------------------------------------------
-
-#: Where a rule's hyper-parameter comes from.
-#: ``"none"``: the rule has none (STE). ``"constant"``: ``BackwardRule.value``. ``"quant_state"``: a
-#: per-quantizer variable in the ``quant_state`` collection, 0 until the Hessian refresh writes it
-#: (EWGS delta, EWGS Eq. 10). ``"context"``: a per-step value the training step computes from the step
-#: counter and passes to the layers in their ``QuantContext`` (PEGE mu_T), 0 at evaluation.
-FACTOR_SOURCES = ("none", "constant", "quant_state", "context")
-
-
-@dataclasses.dataclass(frozen=True)
-class BackwardRule:
-  """Everything the rest of the library needs to know about one backward rule.
-
-  Attributes:
-    name: the name configs and per-layer rules use (``quant.backward``).
-    discretizer: ``discretizer(x, bits, **{factor: value})`` (or ``discretizer(x, bits)`` when the
-      rule has no hyper-parameter), with the contract of :data:`Discretizer`.
-    factor: the keyword of its hyper-parameter (``"delta"``, ``"mu"``), ``None`` for none.
-    source: where the hyper-parameter comes from, one of :data:`FACTOR_SOURCES`.
-    value: the hyper-parameter for ``source="constant"``.
-    variants: alternative discretizers chosen by name (``QuantConfig.rule_variants``), e.g. PEGE's
-      mu scale; the default is ``discretizer``.
-    replacement: whether training applies progressive replacement (PEGE Eq. 3) to its quantizers.
-  """
-  name: str
-  discretizer: Callable[..., Array]
-  factor: str | None = None
-  source: str = "none"
-  value: float = 0.0
-  variants: Mapping[str, Callable[..., Array]] = dataclasses.field(default_factory=dict)
-  replacement: bool = False
-
-  def __post_init__(self):
-    if self.source not in FACTOR_SOURCES:
-      raise ValueError(f"rule {self.name!r}: unknown factor source {self.source!r}; valid: {list(FACTOR_SOURCES)}")
-    if (self.factor is None) != (self.source == "none"):
-      raise ValueError(f"rule {self.name!r}: a factor needs a source other than 'none', and 'none' no factor")
-
-  def bind(self, value=None, variant: str | None = None) -> Discretizer:
-    """The discretizer ``(x, bits) -> x_q`` with its hyper-parameter bound.
-
-    Args:
-      value: the hyper-parameter (an array, traced); ignored for ``source="none"``, and for
-        ``"constant"`` ``None`` means ``self.value``.
-      variant: a name in ``variants``; ``None`` for ``discretizer``.
-
-    Returns:
-      A :data:`Discretizer`.
-    """
-    fn = self.discretizer
-    if variant is not None:
-      try:
-        fn = self.variants[variant]
-      except KeyError:
-        raise ValueError(f"rule {self.name!r} has no variant {variant!r}; valid: {sorted(self.variants)}") from None
-    if self.factor is None:
-      return fn
-    if value is None and self.source == "constant":
-      value = self.value
-    return functools.partial(fn, **{self.factor: 0.0 if value is None else value})
-
-
-#: The registered backward rules by name. Add one with :func:`register_rule`.
-RULES: dict[str, BackwardRule] = {}
-
-
-def register_rule(rule: BackwardRule, *, replace: bool = False) -> BackwardRule:
-  """Makes a backward rule available to layers, configs (``quant.backward``, per-layer rules) and variants.
-
-  Args:
-    rule: the rule.
-    replace: allow replacing a registered rule of the same name.
-
-  Returns:
-    ``rule``, so the call can be used as an expression.
-  """
-  if rule.name in RULES and not replace:
-    raise ValueError(f"backward rule {rule.name!r} is already registered")
-  if not re.fullmatch(r"[a-z][a-z0-9_]*", rule.name):
-    raise ValueError(f"backward rule names are lower-case identifiers, got {rule.name!r}")
-  RULES[rule.name] = rule
-  return rule
-
-
-def get_rule(name: str) -> BackwardRule:
-  """Looks a backward rule up by name.
-
-  Args:
-    name: a registered name (``ste``, ``ewgs``, ``pege`` or one a user registered).
-
-  Returns:
-    The :class:`BackwardRule`.
-
-  Raises:
-    ValueError: listing the registered names.
-  """
-  try:
-    return RULES[name]
-  except KeyError:
-    raise ValueError(f"unknown estimator {name!r}; valid choices: {sorted(RULES)}") from None
-
-
-def get_estimator(name: str) -> Callable[..., Array]:
-  """Looks a backward rule's discretizer up by name.
-
-  Args:
-    name: a registered rule name.
-
-  Returns:
-    Its default discretizer (``ste``, ``ewgs``, ``pege``, ...).
-  """
-  return get_rule(name).discretizer
-
-
-#: How PEGE's ``mu`` is measured (config ``pege.mu_scale``): the discretizer for each choice.
-PEGE_MU_SCALES: dict[str, Callable[..., Array]] = {"gradient": pege_relative, "absolute": pege}
-
-register_rule(BackwardRule("ste", ste))
-register_rule(BackwardRule("ewgs", ewgs, factor="delta", source="quant_state"))
-register_rule(BackwardRule("pege", pege, factor="mu", source="context", variants=PEGE_MU_SCALES,
-                           replacement=True))

@@ -1,8 +1,8 @@
 """EWGS scaling factors from Hessian traces (EWGS Sec. 3.2, Eq. 8-10, Algorithm 1).
 
 For each quantizer, ``Tr(H)/N`` of the task loss with respect to its discrete output ``x_q`` (the
-[0, 1] value the layers expose through a zero probe, ``perturbations/.../w_q`` or ``a_q``) is
-estimated with Hutchinson's method, ``Tr(H) = E[v^T H v]`` for Rademacher ``v`` (Eq. 8), where
+[0, 1] value each quantizer exposes to :func:`ewgs_jax.hooks.probing`, a zero probe added inside
+the user's loss) is estimated with Hutchinson's method, ``Tr(H) = E[v^T H v]`` for Rademacher ``v`` (Eq. 8), where
 ``H v`` is a forward-over-reverse product ``jax.jvp(jax.grad(loss))`` (Eq. 9), never forming H.
 Then ``delta = max(0, (Tr(H)/N) / (3 sigma(g_q)))`` (Eq. 10), ``sigma`` the unbiased standard
 deviation of the loss gradient with respect to ``x_q``.
@@ -28,6 +28,11 @@ relative to its magnitude (with ``abs`` in the denominator; the reference code o
 stops after two samples whenever the trace is negative). Several batches are averaged as the
 reference does: ``delta = max(0, mean_batches((Tr/N) / (3 sigma)))``.
 
+The code is model-agnostic: :func:`find_quantizers` traces the user's ``loss_fn(state, batch)`` once
+to list the quantizers and where each one's delta lives in ``state``; :func:`trace_fn` estimates
+their traces with probes added inside the same loss. The EWGS rule's refresh
+(:mod:`ewgs_jax.rules.ewgs`) combines the two.
+
 Convolutions: the samples run in a ``lax.while_loop``, where XLA:CPU leaves gradient convolutions
 as naive loop nests (far slower than its fast kernels); with ``conv_impl="auto"`` the model's
 convolutions are the custom-VJP ones of :mod:`ewgs_jax.ops` on CPU, which stay fast there.
@@ -39,18 +44,17 @@ Deviations from the official code (README, "Deviations from the official code"):
 * BatchNorm uses batch statistics during the estimate (as the reference, in train mode) but its
   running statistics are *not* updated (the reference's estimate changes them).
 * The second-order path through the quantizers *after* a probed one follows STE (the discretizers'
-  forward rule carries an STE derivative, ``DESIGN.md`` "Contracts"), whereas the official
+  forward rule carries an STE derivative, ``ARCHITECTURE.md`` "Contracts"), whereas the official
   double-backward differentiates through its EWGS backward rule there. Measured against the
   official code on a small network: 0.06 % of ``v^T H v`` at delta = 0.01, 2.9 % at delta = 0.5.
 * ImageNet: the official code estimates on a fresh single-GPU model with 10 batches of 16 images;
   ``configs/imagenet_resnet18.py`` uses this module's defaults (3 batches of 256, the CIFAR
-  setting). ``--config.delta.num_batches=10 --config.delta.batch_size=16`` reproduces the batches.
+  setting). ``--config.ewgs.num_batches=10 --config.ewgs.batch_size=16`` reproduces the batches.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from typing import Any, Callable
 
@@ -58,12 +62,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ewgs_jax import losses, names, schedules
+from ewgs_jax import hooks, names
 
 
 log = logging.getLogger(__name__)
-PROBE_TO_DELTA = names.PROBE_TO_DELTA
-delta_path = names.delta_path
 HESSIAN_MODES = ("joint", "blockwise")
 _EPS = 1e-6
 
@@ -152,30 +154,143 @@ def _running_mean_loop(sample_fn: Callable, key, num_blocks: int, max_samples: i
   return sums / jnp.maximum(counts, 1), counts
 
 
-def probe_loss(model, variables: dict, batch: dict,
-               task_loss: Callable = losses.mean_cross_entropy) -> tuple[Callable, Any]:
-  """The task loss as a function of the probes on every quantizer's ``x_q``.
+@dataclasses.dataclass(frozen=True)
+class Probe:
+  """One quantizer the estimate probes.
 
-  BatchNorm uses batch statistics; its updates are discarded.
+  Attributes:
+    path: its layer's module path plus the probe name (``("conv1", "w_q")``).
+    rule: its backward rule.
+    shape: the shape of its discrete output ``x_q``.
+    call: its position among the quantizer calls of the loss (:func:`ewgs_jax.hooks.probing`).
+    leaf: the index, in ``jax.tree.leaves(state)``, of the state leaf its factor is read from
+      (``None`` if it reads none).
+  """
+  path: tuple[str, ...]
+  rule: str
+  shape: tuple[int, ...]
+  call: int
+  leaf: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantizers:
+  """The quantizers a loss calls, as :func:`find_quantizers` found them.
+
+  Attributes:
+    ordered: the probed quantizers sorted by path (the order of the estimates and of their random
+      probes; the order of a nested dict of the same paths).
+    calls: how many quantizer calls the loss makes in all (probed or not).
+    leaf_names: ``{leaf index: "quant_state/conv1/delta_w"}`` for the leaves the quantizers read.
+  """
+  ordered: tuple[Probe, ...]
+  calls: int
+  leaf_names: dict[int, str]
+
+  @property
+  def paths(self) -> list[str]:
+    """The probed quantizers' paths as strings (``"conv1/w_q"``), in :attr:`ordered` order."""
+    return ["/".join(p.path) for p in self.ordered]
+
+
+def find_quantizers(loss_fn: Callable, state: Any, batch: Any, rule: str | None = None) -> Quantizers:
+  """The quantizers ``loss_fn(state, batch)`` calls, from one abstract trace (no computation).
+
+  Each quantizer reports the ``quant_state`` value its factor was read from; matching it against
+  the traced leaves of ``state`` tells where that value lives in ``state``, whatever its structure
+  (Linen variables, an ``nnx.State``, a user's own pytree).
 
   Args:
-    model: the quantized model.
-    variables: its ``params``, ``quant_state`` and (if any) ``batch_stats``.
-    batch: ``image`` and ``label``.
-    task_loss: ``task_loss(logits, labels) -> scalar``, the loss training minimises.
+    loss_fn: ``loss_fn(state, batch) -> scalar``: the task loss, calling the model with ``state``.
+    state: the pytree holding the model's variables.
+    batch: a batch (only its shapes matter).
+    rule: keep only the quantizers of this rule (``None``: all). A rule whose factor lives in
+      ``quant_state`` must find it in ``state`` for each of its quantizers.
 
   Returns:
-    ``(loss(perturbations), zero perturbations)``.
-  """
-  images, labels = batch["image"], batch["label"]
-  shapes = jax.eval_shape(functools.partial(model.init, train=True), jax.random.key(0), images)
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes[names.PERTURBATIONS])
-  base = {k: v for k, v in variables.items() if k != names.PERTURBATIONS}
+    The :class:`Quantizers`.
 
-  def loss(perturbations):
-    logits, _ = model.apply({**base, names.PERTURBATIONS: perturbations}, images, train=True,
-                            mutable=[names.BATCH_STATS])
-    return task_loss(logits, labels)
+  Raises:
+    ValueError: when the loss calls no quantizer (of ``rule``), or one of them reads its factor from
+      something that is not a leaf of ``state``.
+  """
+  found: dict[str, Any] = {}
+
+  def trace(state, batch):
+    leaves = jax.tree.leaves(state)
+    by_id = {id(leaf): i for i, leaf in enumerate(leaves)}
+    with hooks.probing("record") as probing:
+      loss_fn(state, batch)
+    found["quantizers"] = [(q, by_id.get(id(q.state)) if q.state is not None else None) for q in probing.quantizers]
+
+  jax.eval_shape(trace, state, batch)
+  calls = found["quantizers"]
+  probes = [Probe(q.path, q.rule, q.shape, i, leaf) for i, (q, leaf) in enumerate(calls)
+            if rule is None or q.rule == rule]
+  if not probes:
+    raise ValueError(f"the loss function calls no quantizer{'' if rule is None else f' with rule {rule!r}'}: it "
+                     "must apply the quantized model to the state it is given")
+  if rule is not None:
+    unread = [p for p in probes if p.leaf is None]
+    if unread:
+      raise ValueError(f"quantizer {'/'.join(unread[0].path)} (rule {rule!r}) reads its factor from nothing in the "
+                       f"state given: pass the model's variables including the {names.QUANT_STATE!r} collection, "
+                       "and call the model with them in the loss")
+  leaf_paths = [names.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+  return Quantizers(tuple(sorted(probes, key=lambda p: (p.path, p.call))), len(calls),
+                    {p.leaf: leaf_paths[p.leaf] for p in probes if p.leaf is not None})
+
+
+def read_leaves(state: Any, quantizers: Quantizers) -> dict[int, float]:
+  """The current values of the state leaves the quantizers read their factors from.
+
+  Args:
+    state: the pytree passed to :func:`find_quantizers`.
+    quantizers: its result.
+
+  Returns:
+    ``{leaf index: value}``.
+  """
+  leaves = jax.tree.leaves(state)
+  return {leaf: float(np.asarray(jax.device_get(leaves[leaf])).reshape(-1)[0]) for leaf in quantizers.leaf_names}
+
+
+def write_leaves(state: Any, values: dict[int, float]) -> Any:
+  """``state`` with some scalar leaves replaced (float32, same shape as before).
+
+  Args:
+    state: the pytree.
+    values: ``{leaf index: new value}``.
+
+  Returns:
+    The new pytree; every other leaf is the same object as before.
+  """
+  leaves, treedef = jax.tree.flatten(state)
+  leaves = [jnp.full(jnp.shape(leaf), values[i], jnp.float32) if i in values else leaf
+            for i, leaf in enumerate(leaves)]
+  return jax.tree.unflatten(treedef, leaves)
+
+
+def probe_loss(loss_fn: Callable, state: Any, batch: Any, quantizers: Quantizers) -> tuple[Callable, list]:
+  """The task loss as a function of zero probes on the quantizers' discrete outputs ``x_q``.
+
+  Args:
+    loss_fn: ``loss_fn(state, batch) -> scalar``.
+    state: the pytree of the model's variables.
+    batch: the batch.
+    quantizers: from :func:`find_quantizers`.
+
+  Returns:
+    ``(loss(probes), zero probes)``, the probes a list in ``quantizers.ordered`` order.
+  """
+  ordered = quantizers.ordered
+  by_call = sorted(range(len(ordered)), key=lambda i: ordered[i].call)
+  select = frozenset(p.call for p in ordered)
+  zeros = [jnp.zeros(p.shape, jnp.float32) for p in ordered]
+
+  def loss(probes):
+    with hooks.probing("add", [probes[i] for i in by_call], select):
+      return loss_fn(state, batch)
 
   return loss, zeros
 
@@ -183,20 +298,19 @@ def probe_loss(model, variables: dict, batch: dict,
 HVP_METHODS = ("linearize", "jvp")
 
 
-def trace_fn(model, task_loss: Callable = losses.mean_cross_entropy, *, mode: str = "joint",
-             max_samples: int = 50, tolerance: float = 1e-3, hvp: str = "linearize") -> Callable:
-  """The pure, jittable estimate ``(params, batch_stats, quant_state, batch, key) -> (traces, sigmas,
-  counts)``, each ``[num quantizers]`` in probe-path order (EWGS Eq. 8-9 and the sigma of Eq. 10).
+def trace_fn(loss_fn: Callable, quantizers: Quantizers, *, mode: str = "joint", max_samples: int = 50,
+             tolerance: float = 1e-3, hvp: str = "linearize") -> Callable:
+  """The pure, jittable estimate ``(state, batch, key) -> (traces, sigmas, counts)``, each
+  ``[num quantizers]`` in ``quantizers.ordered`` order (EWGS Eq. 8-9 and the sigma of Eq. 10).
 
   ``traces`` is ``Tr(H_ii)/N_i``, ``sigmas`` the unbiased std of ``dL/dx_q``, ``counts`` the samples
   used. No Python control flow on traced values and no host callbacks: the caller can ``jax.jit``
-  it with ``in_shardings`` (batch sharded on ``data``, state replicated) as the train step.
-  ``batch_stats`` may be ``None`` (no BatchNorm).
+  it; it follows the shardings of its inputs (a data-sharded batch runs data-parallel).
 
   Args:
-    model: the quantized model.
-    task_loss: ``task_loss(logits, labels) -> scalar``: the loss whose Hessian is estimated (the
-      training loss; training passes its own).
+    loss_fn: ``loss_fn(state, batch) -> scalar``: the loss whose Hessian is estimated (the training
+      loss, without the per-step context).
+    quantizers: the quantizers to probe (:func:`find_quantizers` on the same structures).
     mode: ``"joint"`` or ``"blockwise"`` (:data:`HESSIAN_MODES`).
     max_samples: the most Hutchinson samples per quantizer.
     tolerance: the relative change of the running mean that stops sampling.
@@ -210,28 +324,23 @@ def trace_fn(model, task_loss: Callable = losses.mean_cross_entropy, *, mode: st
   if hvp not in HVP_METHODS:
     raise ValueError(f"unknown HVP method {hvp!r}; valid choices: {list(HVP_METHODS)}")
 
-  def estimate(params, batch_stats, quant_state, batch, key):
-    variables = {names.PARAMS: params, names.QUANT_STATE: quant_state}
-    if batch_stats is not None:
-      variables[names.BATCH_STATS] = batch_stats
-    loss, zeros = probe_loss(model, variables, batch, task_loss)
-    leaves, treedef = jax.tree.flatten(zeros)
+  def estimate(state, batch, key):
+    loss, zeros = probe_loss(loss_fn, state, batch, quantizers)
     grad_fn = jax.grad(loss)
     if hvp == "linearize":   # one forward-over-reverse pass; its primal is the gradient (EWGS Eq. 9-10)
       grads, hvp_fn = jax.linearize(grad_fn, zeros)
     else:
       grads = grad_fn(zeros)
       hvp_fn = lambda tangent: jax.jvp(grad_fn, (zeros,), (tangent,))[1]
-    sigmas = jnp.stack([jnp.std(g, ddof=1) for g in jax.tree.leaves(grads)])
+    sigmas = jnp.stack([jnp.std(g, ddof=1) for g in grads])
 
     def vhv(key, block_mask):
-      keys = jax.random.split(key, len(leaves))
-      vs = [jax.random.rademacher(k, leaf.shape, jnp.float32) * m
-            for k, leaf, m in zip(keys, leaves, block_mask)]
-      hv = hvp_fn(jax.tree.unflatten(treedef, vs))
-      return jnp.stack([jnp.vdot(v, h) for v, h in zip(vs, jax.tree.leaves(hv))])
+      keys = jax.random.split(key, len(zeros))
+      vs = [jax.random.rademacher(k, z.shape, jnp.float32) * m for k, z, m in zip(keys, zeros, block_mask)]
+      hv = hvp_fn(vs)
+      return jnp.stack([jnp.vdot(v, h) for v, h in zip(vs, hv)])
 
-    n = len(leaves)
+    n = len(zeros)
     if mode == "joint":
       means, counts = _running_mean_loop(lambda k: vhv(k, jnp.ones((n,))), key, n, max_samples, tolerance)
     else:
@@ -241,119 +350,7 @@ def trace_fn(model, task_loss: Callable = losses.mean_cross_entropy, *, mode: st
                                   max_samples, tolerance)
         return m[i], c[i]
       means, counts = jax.lax.map(one_block, jnp.arange(n))
-    sizes = jnp.asarray([leaf.size for leaf in leaves], jnp.float32)
+    sizes = jnp.asarray([z.size for z in zeros], jnp.float32)
     return means / sizes, sigmas, counts
 
   return estimate
-
-
-def make_trace_estimator(model, task_loss: Callable = losses.mean_cross_entropy, *, mode: str = "joint",
-                         max_samples: int = 50, tolerance: float = 1e-3, hvp: str = "linearize"):
-  """Returns ``estimate(variables, batch, key) -> {probe path: (Tr(H)/N, sigma(g_q), samples)}``.
-
-  ``variables`` holds ``params``, ``batch_stats``, ``quant_state``; ``batch`` has ``image`` and
-  ``label``. The work is :func:`trace_fn` under ``jax.jit`` (one compilation per batch shape),
-  which follows the shardings of its inputs, so a data-sharded batch runs data-parallel on every
-  device and host; only the per-quantizer scalars come back to the host.
-
-  Args:
-    model, task_loss, mode, max_samples, tolerance, hvp: as :func:`trace_fn`.
-
-  Returns:
-    The estimator.
-  """
-  estimate = jax.jit(trace_fn(model, task_loss, mode=mode, max_samples=max_samples, tolerance=tolerance,
-                              hvp=hvp))
-
-  @functools.lru_cache(maxsize=8)
-  def probe_paths(image_shape, dtype) -> list[str]:
-    shapes = jax.eval_shape(functools.partial(model.init, train=True), jax.random.key(0),
-                            jax.ShapeDtypeStruct(image_shape, dtype))
-    return [names.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes[names.PERTURBATIONS])[0]]
-
-  def run(variables, batch, key) -> dict[str, tuple[float, float, int]]:
-    traces, sigmas, counts = jax.device_get(estimate(
-        variables[names.PARAMS], variables.get(names.BATCH_STATS), variables[names.QUANT_STATE], batch, key))
-    paths = probe_paths(tuple(batch["image"].shape), batch["image"].dtype)
-    return {p: (float(t), float(s), int(c)) for p, t, s, c in zip(paths, traces, sigmas, counts)}
-
-  return run
-
-
-@dataclasses.dataclass(frozen=True)
-class DeltaRefreshPolicy:
-  """When and how EWGS delta is refreshed (EWGS Sec. 4.1, Table 4).
-
-  ``mode``: ``"hessian"`` (Eq. 10 every ``every_epochs`` epochs; delta = 0 until the first refresh,
-  which is never at step 0, as in the reference code), ``"fixed"`` (every delta set to
-  ``fixed_delta`` once, at step 0), or ``"off"`` (delta stays 0). The timing itself is
-  :func:`ewgs_jax.schedules.delta_refresh_due`, with the other schedules.
-  """
-  mode: str = "hessian"
-  every_epochs: int = 10
-  fixed_delta: float = 1e-3
-
-  def __post_init__(self):
-    schedules.check_delta_mode(self.mode)
-    if self.every_epochs <= 0:
-      raise ValueError("every_epochs must be > 0")
-    if self.fixed_delta < 0:
-      raise ValueError(f"fixed_delta must be >= 0, got {self.fixed_delta}")
-
-  def should_refresh(self, step: int, steps_per_epoch: int) -> bool:
-    """Whether to refresh before step ``step``.
-
-    Args:
-      step: steps done.
-      steps_per_epoch: steps in one epoch.
-
-    Returns:
-      :func:`ewgs_jax.schedules.delta_refresh_due` for this policy.
-    """
-    return schedules.delta_refresh_due(self.mode, step, steps_per_epoch, self.every_epochs)
-
-  def refresh(self, estimator: Callable | None, variables: dict, batches: list[dict], key) -> tuple[Any, dict]:
-    """New ``quant_state`` (only deltas change) and a report.
-
-    Args:
-      estimator: from :func:`make_trace_estimator` (unused in ``"fixed"`` mode).
-      variables: ``params``, ``batch_stats``, ``quant_state``.
-      batches: the batches to average over (EWGS Algorithm 1).
-      key: the probes' random key.
-
-    Returns:
-      ``(quant_state, {delta path: delta})``.
-    """
-    flat = {names.path_str(p): np.asarray(v) for p, v in
-            jax.tree_util.tree_flatten_with_path(jax.device_get(variables[names.QUANT_STATE]))[0]}
-    if self.mode == "fixed":
-      new = {p: np.float32(self.fixed_delta) for p in flat}
-    else:
-      per_batch: dict[str, list[float]] = {}
-      for i, batch in enumerate(batches):
-        for probe, (trace, sigma, _) in estimator(variables, batch, jax.random.fold_in(key, i)).items():
-          per_batch.setdefault(delta_path(probe), []).append(float(delta_from_trace(trace, sigma)))
-      new = {p: np.float32(combine_batches(per_batch[p], flat[p], p)) if p in per_batch else flat[p]
-             for p in flat}
-    leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(variables[names.QUANT_STATE])
-    quant_state = jax.tree.unflatten(treedef, [jnp.asarray(new[names.path_str(p)], jnp.float32)
-                                               for p, _ in leaves_with_paths])
-    return quant_state, {p: float(v) for p, v in new.items()}
-
-
-def refresh_deltas(estimator: Callable | None, variables: dict, batches: list[dict], key,
-                   policy: DeltaRefreshPolicy | None = None) -> dict:
-  """New ``quant_state`` from ``policy.refresh`` (default: Hessian mode); params and batch_stats
-  are neither read back nor returned, so the caller's copies stay exactly as they were.
-
-  Args:
-    estimator: from :func:`make_trace_estimator` (unused in ``"fixed"`` mode).
-    variables: ``params``, ``batch_stats``, ``quant_state``.
-    batches: the batches to average over (EWGS Algorithm 1).
-    key: the probes' random key.
-    policy: the refresh policy; ``None`` for the default :class:`DeltaRefreshPolicy`.
-
-  Returns:
-    The new ``quant_state`` (only the deltas change).
-  """
-  return (policy or DeltaRefreshPolicy()).refresh(estimator, variables, batches, key)[0]

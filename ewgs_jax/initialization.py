@@ -3,105 +3,113 @@
 * :func:`init_variables`: ``model.init`` on a real batch, so every quantizer parameter gets its
   method's data-driven initialisation (EWGS Sec. 4.1).
 * :func:`warm_start`: the quantized twin of a trained full-precision model.
-* :func:`quantizable_layers`, :func:`resolved_layers`, :func:`rules_in_use`, :func:`check_rules`:
-  which layers take a setting, what each resolves to, which backward rules the model therefore runs
-  (training decides its machinery from this), and rules that match nothing.
+* :class:`LayerReport` / :func:`layer_report`: which layers take a setting and what each resolves to,
+  which backward rules the model therefore runs (the machinery that runs follows these), and
+  per-layer overrides that match nothing; from one traced call.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import re
 
 import flax.linen as nn
 import jax
 
-from ewgs_jax import layers, names
+from ewgs_jax import hooks, names, rules
 from ewgs_jax.layers import QuantContext
-from ewgs_jax.quantconfig import LayerQuant
+from ewgs_jax.quantconfig import LayerQuant, QuantConfig
 
 Array = jax.Array
 
-def _is_quantizable(module, method_name) -> bool:
-  return isinstance(module, layers._Quantized) and module.quant is not None and method_name == "__call__"
+@dataclasses.dataclass(frozen=True)
+class LayerReport:
+  """What the quantized layers of a model resolved to, from one traced call (:func:`ewgs_jax.hooks.recording`).
+
+  Attributes:
+    calls: each quantized layer's first call, in call order (a layer called twice appears once).
+  """
+  calls: tuple[hooks.LayerCall, ...]
+
+  @classmethod
+  def of(cls, calls) -> LayerReport:
+    """The report of recorded calls, each layer once (the first call).
+
+    Args:
+      calls: :class:`~ewgs_jax.hooks.LayerCall` s in call order.
+
+    Returns:
+      The report.
+    """
+    seen, unique = set(), []
+    for call in calls:
+      if call.path not in seen:
+        seen.add(call.path)
+        unique.append(call)
+    return cls(tuple(unique))
+
+  @property
+  def paths(self) -> list[str]:
+    """Module paths of every layer that takes a quantization setting, in call order."""
+    return ["/".join(c.path) for c in self.calls if not c.note]
+
+  def quantized(self) -> dict[str, LayerQuant]:
+    """``{path: setting}`` of the layers with at least one active quantizer."""
+    return {"/".join(c.path): c.setting for c in self.calls if c.setting is not None}
+
+  def rules(self) -> list[str]:
+    """The backward rules some active quantizer uses (per-layer overrides included), in registration order.
+
+    What training runs follows from these, not from the global ``quant.rule``.
+    """
+    used = set().union(*(setting.rules() for setting in self.quantized().values()))
+    return [name for name in rules.RULES if name in used]
+
+  def lines(self) -> list[str]:
+    """One line per layer: ``stage1_block0/conv1 (QuantConv): weights interval/ewgs/2b, inputs interval/ewgs/2b``."""
+    out = []
+    for c in self.calls:
+      what = ("full precision" if c.setting is None
+              else f"weights {c.setting.weight.describe()}, inputs {c.setting.act.describe()}")
+      if c.note:
+        what += f" ({c.note})"
+      out.append(f"{'/'.join(c.path) or '<root>'} ({c.kind}): {what}")
+    return out
+
+  def check(self, quant: QuantConfig | None) -> None:
+    """Raises ``ValueError`` naming every override of ``quant`` that matches no quantizable layer.
+
+    Args:
+      quant: the model's setting (``None``: nothing to check).
+    """
+    if quant is None or not quant.overrides:
+      return
+    unmatched = quant.unmatched(self.paths)
+    if unmatched:
+      raise ValueError(f"quantization overrides {unmatched} match no quantizable layer; layers: {self.paths}")
 
 
-def quantizable_layers(model: nn.Module, images: Array) -> list[str]:
-  """Module paths of the layers that take a quantization setting (traced abstractly, no compute).
+def layer_report(model: nn.Module, *args, **kwargs) -> LayerReport:
+  """Which layers of ``model`` are quantized and how, from one abstract trace of ``model.init`` (no compute).
 
   Args:
-    model: a model built from :class:`~ewgs_jax.layers.QuantConv` / ``QuantDense`` layers.
-    images: a batch, or anything with its ``shape`` and ``dtype`` (e.g. ``jax.ShapeDtypeStruct``).
+    model: a model built from the quantized layers (or a :class:`~ewgs_jax.interception.QuantizedModel`).
+    *args: its inputs: a batch or ``jax.ShapeDtypeStruct`` s.
+    **kwargs: its other call arguments (static: ``train=True``, ...).
 
   Returns:
-    The sorted module paths (``"stage1_block0/conv1"``) of the layers with a ``quant`` setting.
+    The :class:`LayerReport`.
   """
-  _, state = jax.eval_shape(functools.partial(
-      model.apply, train=False, capture_intermediates=_is_quantizable, mutable=["intermediates"]),
-      jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images), images)
-  paths = []
-  jax.tree_util.tree_map_with_path(
-      lambda path, _: paths.append(names.path_str(path[:-2])),
-      state["intermediates"])
-  return sorted(set(paths))
-
-
-def resolved_layers(model: nn.Module, images: Array) -> dict[str, LayerQuant]:
-  """The setting each quantized layer of ``model`` resolves to, after the per-layer rules.
-
-  Args:
-    model: a model with a ``quant`` attribute (``None``: full precision).
-    images: a batch or its ``jax.ShapeDtypeStruct``.
-
-  Returns:
-    ``{layer path: LayerQuant}`` for the layers with at least one active quantizer.
-  """
-  quant = getattr(model, "quant", None)
-  if quant is None:
-    return {}
-  settings = {path: quant.resolve(path) for path in quantizable_layers(model, images)}
-  return {path: s for path, s in settings.items() if s.active}
-
-
-def rules_in_use(model: nn.Module, images: Array) -> frozenset[str]:
-  """The backward rules that some active quantizer of ``model`` uses (after the per-layer rules).
-
-  What training runs follows from these, not from the global ``quant.backward``: the per-step
-  context (mu_T, p_T and the replacement key) when a rule with source ``context`` or with
-  ``replacement`` is in use, the delta refresh when a rule with source ``quant_state`` is.
-
-  Args:
-    model: a model with a ``quant`` attribute.
-    images: a batch or its ``jax.ShapeDtypeStruct``.
-
-  Returns:
-    The rule names.
-  """
-  return frozenset(spec.backward for s in resolved_layers(model, images).values()
-                   for spec in (s.weight, s.act) if spec.active)
-
-
-def check_rules(model: nn.Module, images: Array) -> None:
-  """Raises ``ValueError`` naming every rule of ``model.quant`` that matches no quantizable layer.
-
-  Args:
-    model: a model with a ``quant`` attribute.
-    images: a batch or its ``jax.ShapeDtypeStruct``.
-  """
-  quant = getattr(model, "quant", None)
-  if quant is None or not quant.rules:
-    return
-  paths = quantizable_layers(model, images)
-  unmatched = [pattern for pattern, _ in quant.rules if not any(re.search(pattern, p) for p in paths)]
-  if unmatched:
-    raise ValueError(f"quantization rules {unmatched} match no quantizable layer; layers: {paths}")
+  with hooks.recording() as calls:
+    jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a, **kwargs), *args)
+  return LayerReport.of(calls)
 
 
 def init_variables(model: nn.Module, rng: Array, images: Array, ctx: QuantContext | None = None) -> dict:
   """Initialises ``model`` on a real batch (data-driven quantizer initialisation, EWGS Sec. 4.1).
 
   BatchNorm uses the batch's statistics during this pass (as the reference's train-mode
-  initialisation); running statistics keep their initial values. Probes are dropped.
+  initialisation); running statistics keep their initial values.
 
   Args:
     model: the model.
@@ -112,8 +120,7 @@ def init_variables(model: nn.Module, rng: Array, images: Array, ctx: QuantContex
   Returns:
     The variables: ``params``, ``batch_stats`` and ``quant_state`` as the model has them.
   """
-  variables = model.init({names.PARAMS: rng}, images, train=True, ctx=ctx)
-  return {k: v for k, v in variables.items() if k != names.PERTURBATIONS}
+  return dict(model.init({names.PARAMS: rng}, images, train=True, ctx=ctx))
 
 
 def _flat(tree) -> dict[str, tuple]:
@@ -158,8 +165,8 @@ def warm_start(model: nn.Module, fp_variables: dict, rng: Array, images: Array) 
     raise ValueError("full-precision variables do not match the model: " + "; ".join(problems))
   fp = {k: fp_variables[k] for k in ("params", "batch_stats") if k in fp_variables}
   _, variables = model.apply(fp, images, train=True, rngs={"params": rng},
-                             mutable=[names.PARAMS, names.BATCH_STATS, names.QUANT_STATE, names.PERTURBATIONS])
-  variables = {k: v for k, v in variables.items() if k != names.PERTURBATIONS}
+                             mutable=[names.PARAMS, names.BATCH_STATS, names.QUANT_STATE])
+  variables = dict(variables)
   if "batch_stats" in fp:
     variables["batch_stats"] = fp["batch_stats"]
   return variables

@@ -6,7 +6,7 @@ resolves for the layer's path. What a method or rule needs comes from the regist
 (:data:`ewgs_jax.quantizers.METHODS`, :data:`ewgs_jax.estimators.RULES`), so a registered method or
 rule works here with no edit.
 
-State, as ``DESIGN.md`` ("State in a model") fixes it, under the names of :mod:`ewgs_jax.names`:
+State, as ``ARCHITECTURE.md`` ("State in a model") fixes it, under the names of :mod:`ewgs_jax.names`:
 
 * learned quantizer parameters live in ``params`` as ``q_<w|a>_<suffix>`` (the method's parameter
   suffixes: ``q_w_lower``, ``q_a_clip``, ``q_w_step``, ...) and ``q_alpha`` for methods with an
@@ -18,10 +18,13 @@ State, as ``DESIGN.md`` ("State in a model") fixes it, under the names of :mod:`
 * a rule whose factor source is ``quant_state`` (EWGS delta) reads ``quant_state/<layer>/delta_<w|a>``
   (0 until the first Hessian refresh, as in the reference code); the variable exists for every
   quantizer so that the state's structure does not depend on the rules;
-* a rule whose source is ``context`` (PEGE mu_T) reads the per-call :class:`QuantContext`, and a rule
-  with ``replacement`` gets PEGE's progressive replacement when the context carries a key;
-* each quantizer exposes its discrete output ``x_q`` (the [0, 1] value before the output map)
-  through a zero probe, ``perturbations/<layer>/w_q`` and ``a_q``, for :mod:`ewgs_jax.hessian`.
+* a rule whose source is ``context`` (PEGE mu_T) reads its factor from the per-call
+  :class:`QuantContext` (``ctx.factors[rule][factor]``), and a rule with a replacement rate gets
+  PEGE's progressive replacement (Eq. 3) when the context carries a key;
+* each quantizer exposes its discrete output ``x_q`` (the [0, 1] value before the output map) to
+  :func:`ewgs_jax.hooks.probing`, which the Hessian code uses; nothing of it is stored, so the
+  variables do not depend on the batch size;
+* every call is reported to :func:`ewgs_jax.hooks.recording` (the layer report of start-up code).
 
 Convolutions use :func:`ewgs_jax.ops.conv_general_dilated` with the layer's ``conv_impl`` attribute.
 """
@@ -37,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ewgs_jax import names, ops, quantizers, replacement
+from ewgs_jax import hooks, names, ops, quantizers, replacement, rules
 from ewgs_jax.quantconfig import LayerQuant, QuantConfig, QuantizerSpec, first_last_quant  # noqa: F401 (re-exported)
 
 Array = jax.Array
@@ -45,63 +48,90 @@ Array = jax.Array
 
 @flax.struct.dataclass
 class QuantContext:
-  """Per-call, step-dependent inputs of the quantizers (computed in ``train_step``).
+  """Per-call, step-dependent inputs of the quantizers (:meth:`ewgs_jax.qat.QAT.context` builds it).
 
-  ``mu``: PEGE mu_T (PEGE Sec. 3.2). ``rate``: PEGE replacement rate p_T (Eq. 4). ``key``: the
-  step's replacement key; ``None`` (or ``rate`` = 1) disables replacement. Evaluation passes no
-  context: no replacement, mu = 0.
+  Attributes:
+    factors: ``{rule name: {factor name: value}}``: each rule's per-step factors (PEGE: ``mu`` =
+      mu_T, Sec. 3.2, and ``rate`` = p_T, Eq. 4), from the rule's own ``step_factors``.
+    key: the step's replacement key; ``None`` disables replacement (PEGE Eq. 3).
+
+  Evaluation passes no context: no replacement, per-step factors 0. A training context that lacks a
+  factor some quantizer's rule needs is an error, never a silent 0.
   """
-  mu: Any = 0.0
-  rate: Any = 1.0
+  factors: Any = None
   key: Any = None
-  factors: Any = None   # {factor name: value} for other registered rules whose source is "context"
 
-  def factor(self, name: str):
-    """The per-step value of a rule's hyper-parameter ``name`` (``"mu"``, or a key of ``factors``), 0 if unset."""
-    if self.factors is not None and name in self.factors:
-      return self.factors[name]
-    return self.mu if name == "mu" else 0.0
+  def factor(self, rule: str, name: str):
+    """The per-step value ``name`` of rule ``rule``.
+
+    Args:
+      rule: the rule's name.
+      name: the factor's name.
+
+    Returns:
+      The value (a traced scalar).
+
+    Raises:
+      KeyError: naming the factor, when the context does not carry it.
+    """
+    try:
+      return self.factors[rule][name]
+    except (KeyError, TypeError):
+      raise KeyError(f"the per-step QuantContext has no factor {rule}/{name}: build it with "
+                     f"ewgs_jax.QAT(...).context(step, key) for the rules the model uses") from None
 
 
 class _Quantized(nn.Module):
-  """Shared quantizer logic of :class:`QuantConv` and :class:`QuantDense`."""
+  """Shared quantizer logic of the quantized layers."""
+
+  def _path(self) -> tuple[str, ...]:
+    return tuple(self.scope.path)
 
   def _setting(self) -> LayerQuant | None:
     if self.quant is None:
       return None
-    setting = self.quant.resolve("/".join(self.scope.path))
+    setting = self.quant.resolve("/".join(self._path()))
+    hooks.record_layer(self._path(), type(self).__name__, setting if setting.active else None)
     return setting if setting.active else None
 
-  def _delta(self, kind: str) -> Array:
+  def _delta(self, kind: str, ctx: QuantContext | None) -> Array | None:
     """The quantizer's ``quant_state`` factor (created for every quantizer; 0 until refreshed)."""
     name = names.delta_name(kind)
     if self.is_mutable_collection(names.QUANT_STATE) or self.has_variable(names.QUANT_STATE, name):
       return self.variable(names.QUANT_STATE, name, lambda: jnp.zeros((), jnp.float32)).value
-    return jnp.zeros((), jnp.float32)   # applied without its quant_state (e.g. bare params): 0
+    if ctx is not None:   # training without the quant_state collection would silently train as STE
+      raise ValueError(f"{type(self).__name__} {'/'.join(self._path())!r}: its rule reads its factor from the "
+                       f"{names.QUANT_STATE!r} collection, which the variables passed to apply do not hold; pass "
+                       f"every collection of model.init's result (e.g. {{**variables, 'params': params}})")
+    return None
 
   def _discretizer(self, spec: QuantizerSpec, kind: str, ctx: QuantContext | None):
-    """The quantizer's discretizer with its rule's hyper-parameter from the rule's declared source."""
-    rule = spec.rule
-    delta = self._delta(kind)
+    """The quantizer's discretizer with its rule's factor from the rule's declared source, and the
+    ``quant_state`` value it was read from (for the Hessian probes; ``None`` for other sources)."""
+    rule = rules.get(spec.rule)
+    reads_state = rule.source == "quant_state"
+    state = self._delta(kind, ctx if reads_state else None)   # exists for every quantizer: rule-free structure
     value = None
-    if rule.source == "quant_state":
-      value = delta
+    if reads_state:
+      value = jnp.zeros((), jnp.float32) if state is None else state
     elif rule.source == "context":
-      value = 0.0 if ctx is None or not self.quant.factor_applies(kind) else ctx.factor(rule.factor)
-    return self.quant.discretizer(spec, value)
+      applies = ctx is not None and self.quant.options(spec.rule).factor_applies(kind)
+      value = ctx.factor(rule.name, rule.factor) if applies else jnp.zeros((), jnp.float32)
+    return self.quant.discretizer(spec, value), (state if reads_state else None)
 
-  def _hook(self, spec: QuantizerSpec, kind: str, ctx: QuantContext | None):
-    """Adds the Hessian probe on x_q, then progressive replacement (PEGE Eq. 3) when the quantizer's
-    rule asks for it and the context carries a key (training)."""
-    granularity = self.quant.replacement_granularity
-    replaces = spec.rule.replacement and ctx is not None and ctx.key is not None
+  def _hook(self, spec: QuantizerSpec, kind: str, ctx: QuantContext | None, state):
+    """Exposes x_q to the Hessian probes (:mod:`ewgs_jax.hooks`), then applies progressive replacement
+    (PEGE Eq. 3) when the quantizer's rule has a replacement rate and the context carries a key."""
+    rule = rules.get(spec.rule)
+    replaces = rule.replacement is not None and ctx is not None and ctx.key is not None
+    granularity = self.quant.options(spec.rule).granularity
+    path = (*self._path(), names.probe_name(kind))
 
     def hook(x_c, x_q):
-      x_q = self.perturb(names.probe_name(kind), x_q)
+      x_q = hooks.probe(path, spec.rule, x_q, state)
       if replaces:
-        name = "/".join(self.scope.path) + "/" + kind
-        key = replacement.quantizer_key(ctx.key, name, granularity)
-        x_q = replacement.replace(key, x_c, x_q, ctx.rate, granularity=granularity)
+        key = replacement.quantizer_key(ctx.key, "/".join(self._path()) + "/" + kind, granularity)
+        x_q = replacement.replace(key, x_c, x_q, ctx.factor(rule.name, rule.replacement), granularity=granularity)
       return x_q
 
     return hook
@@ -119,48 +149,66 @@ class _Quantized(nn.Module):
 
     params = {suffix: self.param(names.quantizer_param(kind, suffix), data_driven, init)
               for suffix, init in method.params.items()}
-    return method.apply(x, params, bits=spec.bits, weight=weight, discretizer=self._discretizer(spec, kind, ctx),
-                        hook=self._hook(spec, kind, ctx))
+    discretizer, state = self._discretizer(spec, kind, ctx)
+    return method.apply(x, params, bits=spec.bits, weight=weight, discretizer=discretizer,
+                        hook=self._hook(spec, kind, ctx, state))
 
   def _check_representative(self, x: Array, spec: QuantizerSpec, kind: str) -> None:
     """Refuses a constant or non-finite tensor to initialise a quantizer from (a placeholder batch).
 
     ``model.init(rng, jnp.zeros(...))`` would give an activation quantizer bounds of 0 and 0 (and
-    ``jnp.ones`` inverted ones), hence non-finite outputs on real data. Checked where the values
-    exist (``model.init`` called eagerly); under ``jax.jit`` / ``jax.eval_shape`` nothing can be
-    checked and shapes-only initialisation (``jax.eval_shape(model.init, ...)``) is fine.
+    ``jnp.ones`` inverted ones), hence non-finite outputs on real data. Checked on the values when
+    ``model.init`` runs eagerly, and by a host callback when it runs under ``jax.jit`` (the error
+    then surfaces when the result is computed). ``jax.eval_shape(model.init, ...)`` computes
+    nothing and checks nothing: shapes-only initialisation is fine.
     """
-    if isinstance(x, jax.core.Tracer) or x.size == 0:
+    if x.size == 0:
+      return
+    where = f"{type(self).__name__} {'/'.join(self._path())!r}"
+    if isinstance(x, jax.core.Tracer):
+      x32 = x.astype(jnp.float32)
+      jax.debug.callback(functools.partial(_raise_if_degenerate, where, spec.method, kind),
+                         jnp.all(jnp.isfinite(x32)), jnp.max(x32), jnp.min(x32), x32.reshape(-1)[0])
       return
     values = np.asarray(x, np.float32)   # concrete here (the layer may still run inside a trace)
     finite = bool(np.all(np.isfinite(values)))
-    constant = finite and (x.size < 2 or float(values.max()) == float(values.min()))
-    if finite and not constant:
-      return
-    what = "kernel" if kind == "w" else "input"
-    found = "non-finite values" if not finite else f"the constant {float(values.reshape(-1)[0]):g}"
-    raise ValueError(
-        f"{type(self).__name__} {'/'.join(self.scope.path)!r}: the {spec.method} "
-        f"{'weight' if kind == 'w' else 'activation'} quantizer is initialised from the data it sees "
-        f"(EWGS Sec. 4.1), but its {what} holds {found}, which would give it degenerate bounds. "
-        "Initialise the model with a representative batch of real inputs (model.init(rng, batch) or "
-        "ewgs_jax.initialization.init_variables(model, rng, batch)); a placeholder such as jnp.zeros or "
-        "jnp.ones is only fine for shapes: jax.eval_shape(model.init, rng, placeholder).")
+    _raise_if_degenerate(where, spec.method, kind, finite, values.max() if finite else 0.0,
+                         values.min() if finite else 0.0, values.reshape(-1)[0], size=x.size)
 
-  def _quantized_op(self, x, kernel, op: Callable[[Array, Array], Array], ctx) -> Array:
-    """``|alpha| * op(Q_A(x), Q_W(kernel))`` (EWGS Sec. 3.1); alpha only for interval quantizers."""
+  def _quantized_op(self, x, kernel, op: Callable[[Array, Array], Array], ctx,
+                    add_bias: Callable[[Array], Array] | None = None) -> Array:
+    """``|alpha| * (op(Q_A(x), Q_W(kernel)) + bias)`` (EWGS Sec. 3.1); alpha only for methods with an
+    output scale. The bias is scaled with the product and enters alpha's data-driven initialisation,
+    as in the official code (``F.conv2d(Qact, Qweight, self.bias) * |output_scale|``)."""
+    add_bias = add_bias or (lambda y: y)
     setting = self._setting()
     if setting is None:
-      return op(x, kernel)
+      return add_bias(op(x, kernel))
     x_q = self._quantize(x, setting.act, "a", ctx)
     w_q = self._quantize(kernel, setting.weight, "w", ctx)
-    y = op(x_q, w_q)
+    y = add_bias(op(x_q, w_q))
     if any(s.active and quantizers.get_method(s.method).output_scale for s in (setting.weight, setting.act)):
       def alpha_init(_):
-        ratio = jnp.mean(jnp.abs(op(x, kernel))) / jnp.mean(jnp.abs(y))
+        ratio = jnp.mean(jnp.abs(add_bias(op(x, kernel)))) / jnp.mean(jnp.abs(y))
         return jnp.where(jnp.isfinite(ratio) & (ratio > 0), ratio, 1.0).astype(jnp.float32)
       y = y * jnp.abs(self.param(names.OUTPUT_SCALE, alpha_init)).astype(y.dtype)
     return y
+
+
+def _raise_if_degenerate(where: str, method: str, kind: str, finite, high, low, first, size: int = 2) -> None:
+  """Raises ``ValueError`` when a quantizer would be initialised from non-finite or constant values."""
+  finite = bool(finite)
+  constant = finite and (size < 2 or float(high) == float(low))
+  if finite and not constant:
+    return
+  what = "kernel" if kind == "w" else "input"
+  found = "non-finite values" if not finite else f"the constant {float(first):g}"
+  raise ValueError(
+      f"{where}: the {method} {'weight' if kind == 'w' else 'activation'} quantizer is initialised from the data "
+      f"it sees (EWGS Sec. 4.1), but its {what} holds {found}, which would give it degenerate bounds. "
+      "Initialise the model with a representative batch of real inputs (model.init(rng, batch) or "
+      "ewgs_jax.initialization.init_variables(model, rng, batch)); a placeholder such as jnp.zeros or "
+      "jnp.ones is only fine for shapes: jax.eval_shape(model.init, rng, placeholder).")
 
 
 def _tuple(value, rank: int, name: str) -> tuple[int, ...]:
@@ -182,6 +230,13 @@ def _unsupported(module: nn.Module, **given) -> None:
     raise NotImplementedError(
         f"{type(module).__name__} does not support {', '.join(bad)} (given {', '.join(repr(given[b][0]) for b in bad)}): "
         "the quantizers need the layer's own convolution / matmul")
+
+
+def _own_matmul_only(module: nn.Module) -> None:
+  """Fails naming a custom ``dot_general(_cls)`` or ``promote_dtype``: the quantizers need the layer's own product."""
+  _unsupported(module, dot_general=(getattr(module, "dot_general", None), lambda v: v is None),
+               dot_general_cls=(getattr(module, "dot_general_cls", None), lambda v: v is None),
+               promote_dtype=(module.promote_dtype, lambda v: v is None or v is nn.dtypes.promote_dtype))
 
 
 _SPATIAL = {1: "W", 2: "HW", 3: "DHW"}
@@ -268,10 +323,13 @@ class QuantConv(_Quantized):
           dimension_numbers=dimension_numbers, feature_group_count=self.feature_group_count,
           precision=self.precision, impl=self.conv_impl)
 
-    y = self._quantized_op(x, kernel, conv, ctx)
-    if self.use_bias:
-      y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(dtype)
-    return y
+    return self._quantized_op(x, kernel, conv, ctx, self._bias(dtype))
+
+  def _bias(self, dtype) -> Callable[[Array], Array] | None:
+    if not self.use_bias:
+      return None
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(dtype)
+    return lambda y: y + bias
 
 
 class QuantDense(_Quantized):
@@ -296,14 +354,111 @@ class QuantDense(_Quantized):
 
   @nn.compact
   def __call__(self, x: Array, ctx: QuantContext | None = None) -> Array:
-    _unsupported(self, dot_general=(self.dot_general, lambda v: v is None),
-                 dot_general_cls=(self.dot_general_cls, lambda v: v is None),
-                 promote_dtype=(self.promote_dtype, lambda v: v is None or v is nn.dtypes.promote_dtype))
+    _own_matmul_only(self)
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
     dtype = self.dtype if self.dtype is not None else jnp.result_type(x.dtype, self.param_dtype)
     x, kernel = x.astype(dtype), kernel.astype(dtype)
     matmul = jnp.matmul if self.precision is None else functools.partial(jnp.matmul, precision=self.precision)
-    y = self._quantized_op(x, kernel, matmul, ctx)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(dtype) if self.use_bias else None
+    return self._quantized_op(x, kernel, matmul, ctx, None if bias is None else (lambda y: y + bias))
+
+
+def _axes(value, ndim: int) -> tuple[int, ...]:
+  """``nn.DenseGeneral``'s axes (an int or a sequence, negative allowed), non-negative and sorted."""
+  value = (value,) if isinstance(value, int) else tuple(value)
+  return tuple(sorted(a if a >= 0 else ndim + a for a in value))
+
+
+class QuantDenseGeneral(_Quantized):
+  """``nn.DenseGeneral`` (any contracting ``axis``, several output ``features``, ``batch_dims``) with
+  weight and activation quantizers: the projections of attention blocks and transformers.
+
+  Same parameters, shapes and initialisation as ``nn.DenseGeneral`` (``quant=None``: what it
+  computes); a custom ``dot_general(_cls)`` or ``promote_dtype`` raises ``NotImplementedError``.
+  """
+  features: int | Sequence[int]
+  axis: int | Sequence[int] = -1
+  batch_dims: Sequence[int] = ()
+  use_bias: bool = True
+  quant: QuantConfig | None = None
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Callable = nn.linear.default_kernel_init
+  bias_init: Callable = nn.initializers.zeros
+  precision: Any = None
+  promote_dtype: Any = None
+  dot_general: Any = None
+  dot_general_cls: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array, ctx: QuantContext | None = None) -> Array:
+    _own_matmul_only(self)
+    features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+    axis, batch_dims = _axes(self.axis, x.ndim), _axes(self.batch_dims, x.ndim)
+    if batch_dims and set(batch_dims) != set(range(max(batch_dims) + 1)):
+      raise ValueError(f"batch_dims {self.batch_dims} must be consecutive leading dimensions starting from 0")
+    n_batch, n_axis = len(batch_dims), len(axis)
+    batch_shape = tuple(x.shape[a] for a in batch_dims)
+
+    def flat_init(init, lead: int | None):   # initialise flat, as nn.DenseGeneral does, then reshape
+      def wrapped(rng, shape, dtype=jnp.float32):
+        size = int(np.prod(shape))
+        flat = (size,) if lead is None else (int(np.prod(shape[:lead])), size // max(int(np.prod(shape[:lead])), 1))
+        return jnp.reshape(init(rng, flat, dtype), shape)
+      return wrapped
+
+    kernel = self.param("kernel", flat_init(self.kernel_init, n_batch + n_axis),
+                        batch_shape + tuple(x.shape[a] for a in axis) + features, self.param_dtype)
+    dtype = self.dtype if self.dtype is not None else jnp.result_type(x.dtype, self.param_dtype)
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    dimension_numbers = ((axis, tuple(range(n_batch, n_batch + n_axis))), (batch_dims, tuple(range(n_batch))))
+
+    def op(inputs, weights):
+      return jax.lax.dot_general(inputs, weights, dimension_numbers, precision=self.precision)
+
+    add_bias = None
     if self.use_bias:
-      y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(dtype)
-    return y
+      bias = self.param("bias", flat_init(self.bias_init, None), batch_shape + features, self.param_dtype).astype(dtype)
+      expanded = tuple(x.shape[a] if a in batch_dims else 1 for a in range(x.ndim) if a not in axis)
+      add_bias = lambda y: y + jnp.reshape(bias, expanded + features)
+    return self._quantized_op(x, kernel, op, ctx, add_bias)
+
+
+class QuantEinsum(_Quantized):
+  """``nn.Einsum`` (an input times a learned kernel of ``shape`` by an explicit two-operand
+  ``einsum_str``) with weight and activation quantizers.
+
+  Same parameters, shapes and initialisation as ``nn.Einsum`` (``quant=None``: what it computes).
+  """
+  shape: Sequence[int]
+  einsum_str: str | None = None
+  use_bias: bool = True
+  quant: QuantConfig | None = None
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+  kernel_init: Callable = nn.linear.default_kernel_init
+  bias_init: Callable = nn.initializers.zeros
+  promote_dtype: Any = None
+  preferred_element_type: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array, einsum_str: str | None = None, ctx: QuantContext | None = None) -> Array:
+    _own_matmul_only(self)
+    einsum_str = nn.module.merge_param("einsum_str", self.einsum_str, einsum_str).replace(" ", "")
+    if "->" not in einsum_str or einsum_str.count(",") != 1:
+      raise ValueError(f"einsum_str {einsum_str!r} must be explicit ('->') with exactly two operands")
+    kernel = self.param("kernel", self.kernel_init, tuple(self.shape), self.param_dtype)
+    dtype = self.dtype if self.dtype is not None else jnp.result_type(x.dtype, self.param_dtype)
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+
+    def op(inputs, weights):
+      return jnp.einsum(einsum_str, inputs, weights, precision=self.precision,
+                        preferred_element_type=self.preferred_element_type)
+
+    add_bias = None
+    if self.use_bias:
+      bias_shape, broadcast = nn.Einsum._get_bias_shape(self, einsum_str, x, kernel)   # nn.Einsum's own rule
+      bias = self.param("bias", self.bias_init, bias_shape, self.param_dtype).astype(dtype)
+      add_bias = lambda y: y + jnp.reshape(bias, broadcast)
+    return self._quantized_op(x, kernel, op, ctx, add_bias)

@@ -1,9 +1,9 @@
 """Names shared by the layers, the Hessian code, training and reporting, defined once.
 
-The layers create variables under these names; :mod:`ewgs_jax.hessian` differentiates with respect
-to the probes and writes the deltas; :mod:`ewgs_jax.training` labels the quantizer parameters for
-their own optimiser and reports them; :mod:`ewgs_jax.reporting` plots the deltas. Each of them
-imports the names from here instead of re-typing the strings. Plain Python, imports nothing.
+The layers create variables under these names; the EWGS rule writes the deltas; the training
+program labels the quantizer parameters for their own optimiser and reports them;
+:mod:`ewgs_jax.reporting` plots the deltas. Each of them imports the names from here instead of
+re-typing the strings. Plain Python, imports nothing.
 
 A quantizer is identified by its *kind*: ``"w"`` (the kernel's quantizer) or ``"a"`` (the input
 activation's). Its variables:
@@ -12,7 +12,7 @@ activation's). Its variables:
   layer's output scale ``q_alpha``; everything starting with ``q_`` trains with the quantizer
   optimiser (:func:`is_quantizer_param`);
 * the EWGS factor in ``quant_state``: ``delta_<kind>``;
-* the zero probe on its discrete output in ``perturbations``: ``<kind>_q``.
+* the name of the probe on its discrete output (:mod:`ewgs_jax.hooks`): ``<kind>_q``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from typing import Any, Iterable, Sequence
 
 PARAMS = "params"
 BATCH_STATS = "batch_stats"
-QUANT_STATE = "quant_state"          # EWGS delta per quantizer, written only by the Hessian refresh
-PERTURBATIONS = "perturbations"      # zero probes on each quantizer's x_q (Flax ``Module.perturb``)
+QUANT_STATE = "quant_state"          # per-quantizer rule state (EWGS delta), written only by the rule's action
 
 QUANTIZER_PARAM_PREFIX = "q_"
 OUTPUT_SCALE = "q_alpha"             # the layer's learned output scale (EWGS Sec. 3.1)
@@ -43,7 +42,7 @@ def quantizer_param(kind: str, suffix: str) -> str:
 
 
 def probe_name(kind: str) -> str:
-  """The ``perturbations`` name of a quantizer's probe on its discrete output.
+  """The name of a quantizer's probe on its discrete output (the last entry of its probe path).
 
   Args:
     kind: ``"w"`` or ``"a"``.
@@ -66,7 +65,6 @@ def delta_name(kind: str) -> str:
   return f"delta_{kind}"
 
 
-PROBE_TO_DELTA = {probe_name(k): delta_name(k) for k in KINDS}
 DELTA_NAMES = tuple(delta_name(k) for k in KINDS)
 
 
@@ -123,16 +121,3 @@ def path_str(path: Iterable[Any]) -> str:
     The keys joined by ``/``.
   """
   return "/".join(path_keys(path))
-
-
-def delta_path(probe_path: str) -> str:
-  """The ``quant_state`` path of the delta that belongs to a probe.
-
-  Args:
-    probe_path: e.g. ``"stage1_block0/conv1/w_q"``.
-
-  Returns:
-    e.g. ``"stage1_block0/conv1/delta_w"``.
-  """
-  head, _, leaf = probe_path.rpartition("/")
-  return f"{head}/{PROBE_TO_DELTA[leaf]}" if head else PROBE_TO_DELTA[leaf]

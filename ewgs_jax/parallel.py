@@ -1,4 +1,4 @@
-"""Mesh, shardings and multi-host helpers (DESIGN.md, "Parallelism and scale").
+"""Mesh, shardings and multi-host helpers (ARCHITECTURE.md, "Parallelism and scale").
 
 One 1-D mesh axis, ``data``, over every device of every process. Batches are sharded on it, the
 training state is replicated, and BatchNorm under ``jax.jit`` then normalises over the global
@@ -25,7 +25,8 @@ DATA_AXIS = "data"
 
 
 _INIT_KEYS = ("coordinator_address", "num_processes", "process_id", "local_device_ids",
-              "initialization_timeout")
+              "initialization_timeout", "heartbeat_timeout_seconds")
+HEARTBEAT_TIMEOUT_S = 100   # jax.distributed.initialize's default
 
 
 def maybe_initialize_distributed(config: Any = None, **overrides: Any) -> None:
@@ -33,8 +34,11 @@ def maybe_initialize_distributed(config: Any = None, **overrides: Any) -> None:
 
   ``config`` is a mapping (``dict`` or ``ConfigDict``, e.g. ``config.distributed``) and/or keyword
   arguments: ``enabled`` plus any of ``coordinator_address``, ``num_processes``, ``process_id``,
-  ``local_device_ids``, ``initialization_timeout``. Unset ones are left to JAX, which detects them
-  on TPU pods, SLURM and Kubernetes. Safe to call more than once.
+  ``local_device_ids``, ``initialization_timeout``, ``heartbeat_timeout_seconds``. Unset ones are
+  left to JAX, which detects them on TPU pods, SLURM and Kubernetes. Safe to call more than once.
+
+  ``heartbeat_timeout_seconds`` is how long a silent process counts as alive: JAX's coordination
+  service then ends every other process (the training command reports it as a lost peer, exit 75).
 
   Args:
     config: a mapping of the settings, or ``None``.
@@ -44,6 +48,10 @@ def maybe_initialize_distributed(config: Any = None, **overrides: Any) -> None:
   if not settings.get("enabled", False) or jax.distributed.is_initialized():
     return
   kwargs = {k: settings[k] for k in _INIT_KEYS if settings.get(k) is not None}
+  for key in ("initialization_timeout", "heartbeat_timeout_seconds"):
+    value = kwargs.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+      raise ValueError(f"config.distributed.{key}={value!r} is invalid; it must be a positive integer (seconds)")
   # CPU processes need a collectives backend to talk to each other (no effect on GPU/TPU).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**kwargs)

@@ -74,7 +74,7 @@ def quantize(model, fp_variables: dict, images, rng=None) -> dict:
   @jax.jit
   def calibrate(fp, images):
     _, variables = model.apply(fp, images, train=False, rngs={names.PARAMS: rng},
-                               mutable=[names.PARAMS, names.QUANT_STATE, names.PERTURBATIONS])
+                               mutable=[names.PARAMS, names.QUANT_STATE])
     return variables
 
   variables = calibrate(fp, jnp.asarray(images))
@@ -203,7 +203,7 @@ def evaluate(fp_workdir: str, config: ml_collections.ConfigDict, *, calibration_
       "preempted": False,
       "eval_split": split,
       "device": f"{jax.devices()[0].platform} {jax.devices()[0].device_kind} x {jax.device_count()}",
-      "delta_refreshes": 0,
+      "rule_actions": {},   # no rule ran: nothing was trained
       "quantizers": _quantizer_values(model, variables),
       "config": config_dict,
       "ptq": {**info, "calibration_batches": calibration_batches},

@@ -1,139 +1,220 @@
-"""The quantization setting of a model, in plain Python: per-quantizer specs and per-layer rules.
+"""The quantization setting of a model, in plain Python: per-quantizer specs, per-layer overrides and
+the rules' settings.
 
 :class:`QuantConfig` is the network-wide setting (forward method, backward rule and bit width of the
-weight and activation quantizers) plus regular-expression rules that override it per layer, so mixed
-precision and mixed rules need no model edits. :meth:`QuantConfig.resolve` gives a layer's setting.
-Method and rule names are checked against the registries (:data:`ewgs_jax.quantizers.METHODS`,
-:data:`ewgs_jax.estimators.RULES`). Knows nothing of Flax.
+weight and activation quantizers), regular-expression overrides per layer (so mixed precision and
+mixed rules need no model edits; :meth:`QuantConfig.resolve` gives a layer's setting), and the
+settings of the backward rules (``settings={"pege": {"granularity": "tensor"}}``: each rule's own
+config section, :mod:`ewgs_jax.rules`). Method and rule names are checked against the registries.
+Knows nothing of Flax.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
+from typing import Any, Mapping
 
-from ewgs_jax import estimators, quantizers, replacement
+from ewgs_jax import estimators, quantizers, rules
 
-FACTOR_TARGETS = ("both", "weights", "activations")
-OVERRIDE_KEYS = ("enabled", "bits", "weight_bits", "act_bits", "method", "weight_method", "act_method",
-                 "backward")
+OVERRIDE_KEYS = ("enabled", "bits", "weight_bits", "act_bits", "method", "weight_method", "act_method", "rule",
+                 "weight_rule", "act_rule")
+_RENAMED_OVERRIDE_KEYS = {"backward": "rule"}   # renamed in 0.2.0; the old name works for one release
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantizerSpec:
-  """One quantizer's setting: forward method, backward rule, bit width."""
+  """One quantizer's setting: forward method, backward rule, bit width.
+
+  Attributes:
+    method: a forward method (:data:`ewgs_jax.quantizers.METHODS`) or ``"none"`` (full precision).
+    rule: a backward rule (:data:`ewgs_jax.rules.RULES`).
+    bits: the bit width, 1..16.
+  """
   method: str = "interval"
-  backward: str = "ste"
+  rule: str = "ste"
   bits: int = 2
 
   def __post_init__(self):
     if self.method != quantizers.NONE:
       quantizers.get_method(self.method)
-    estimators.get_rule(self.backward)
+    rules.get(self.rule)
     estimators.check_bits(self.bits)
 
   @property
   def active(self) -> bool:
+    """Whether the quantizer quantizes (its method is not ``"none"``)."""
     return self.method != quantizers.NONE
 
-  @property
-  def rule(self) -> estimators.BackwardRule:
-    """The registered backward rule (:data:`ewgs_jax.estimators.RULES`)."""
-    return estimators.get_rule(self.backward)
+  def describe(self) -> str:
+    """``"interval/ewgs/2b"`` or ``"fp"``, for logs."""
+    return f"{self.method}/{self.rule}/{self.bits}b" if self.active else "fp"
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerQuant:
-  """The resolved setting of one layer."""
+  """The resolved setting of one layer: its weight and activation quantizers."""
   weight: QuantizerSpec
   act: QuantizerSpec
 
   @property
   def active(self) -> bool:
+    """Whether either quantizer quantizes."""
     return self.weight.active or self.act.active
+
+  def rules(self) -> set[str]:
+    """The backward rules of the active quantizers."""
+    return {spec.rule for spec in (self.weight, self.act) if spec.active}
+
+
+def _freeze(value: Any) -> Any:
+  if isinstance(value, Mapping):
+    return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+  if isinstance(value, list):
+    return tuple(_freeze(v) for v in value)
+  return value
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
-  """Network-wide quantization setting plus per-layer rules.
+  """Network-wide quantization setting, per-layer overrides and the rules' settings.
 
-  ``rules`` is a sequence of ``(regex, overrides)``; a rule applies to every quantizable layer whose
-  module path (``"stage1_block0/conv1"``) matches ``re.search(regex, path)``, later rules winning.
-  ``overrides`` keys: ``enabled`` (False = full precision), ``bits``, ``weight_bits``, ``act_bits``,
-  ``method``, ``weight_method``, ``act_method``, ``backward``. First and last layers of a model stay
-  full precision unless ``quantize_first_last``. ``enabled=False`` makes every layer full precision
-  (parameter names unchanged).
+  Attributes:
+    weight: the weight quantizers' setting.
+    act: the activation quantizers' setting.
+    quantize_first_last: quantize the model's first and last layers too (they stay full precision
+      otherwise, as both papers; the shipped models and :func:`ewgs_jax.quantize` honour it).
+    overrides: ``((regex, {key: value}), ...)``; an override applies to every quantized layer whose
+      module path (``"stage1_block0/conv1"``) matches ``re.search(regex, path)``, later ones
+      winning. Keys: :data:`OVERRIDE_KEYS` (``enabled=False``: full precision). An override that
+      matches no layer is an error at start-up.
+    enabled: ``False`` makes every layer full precision (parameter names unchanged).
+    settings: ``{rule name: {key: value}}``: settings of the backward rules, each checked against
+      its rule's config section (defaults for the rest).
   """
   weight: QuantizerSpec = QuantizerSpec()
   act: QuantizerSpec = QuantizerSpec()
   quantize_first_last: bool = False
-  rules: tuple = ()
-  replacement_granularity: str = replacement.DEFAULT_GRANULARITY
+  overrides: Any = ()
   enabled: bool = True
-  pege_mu_scale: str = "gradient"   # estimators.PEGE_MU_SCALES: 'gradient' (mu in 3 sigma(g) units) | 'absolute'
-  rule_variants: tuple = ()         # ((rule name, variant name), ...): BackwardRule.variants to use
-  context_factor_on: str = "both"   # quantizers whose per-step factor (PEGE mu) is applied: both | weights | activations
+  settings: Any = ()
 
   def __post_init__(self):
     frozen = []
-    for pattern, overrides in self.rules:
+    for pattern, given in self.overrides:
       re.compile(pattern)
-      overrides = dict(overrides)
-      unknown = set(overrides) - set(OVERRIDE_KEYS)
+      given = dict(given)
+      for old, new in _RENAMED_OVERRIDE_KEYS.items():
+        if old in given:
+          warnings.warn(f"override key {old!r} is deprecated; use {new!r}", DeprecationWarning, stacklevel=3)
+          given[new] = given.pop(old)
+      unknown = set(given) - set(OVERRIDE_KEYS)
       if unknown:
-        raise ValueError(f"rule {pattern!r} has unknown keys {sorted(unknown)}; valid: {list(OVERRIDE_KEYS)}")
-      frozen.append((pattern, tuple(sorted(overrides.items()))))
-    object.__setattr__(self, "rules", tuple(frozen))
-    replacement.check_granularity(self.replacement_granularity)
-    if self.pege_mu_scale not in estimators.PEGE_MU_SCALES:
-      raise ValueError(f"unknown pege_mu_scale {self.pege_mu_scale!r}; valid: {sorted(estimators.PEGE_MU_SCALES)}")
-    if self.context_factor_on not in FACTOR_TARGETS:
-      raise ValueError(f"unknown context_factor_on {self.context_factor_on!r}; valid: {list(FACTOR_TARGETS)}")
-    variants = dict(self.rule_variants)
-    variants.setdefault("pege", self.pege_mu_scale)   # the PEGE rule's variants are its mu scales
-    for rule, variant in variants.items():
-      estimators.get_rule(rule).bind(variant=variant)   # raises for an unknown rule or variant
-    object.__setattr__(self, "rule_variants", tuple(sorted(variants.items())))
-    for _, overrides in self.rules:  # validates the override values now, not at the first call
-      _apply_overrides(self.weight, self.act, dict(overrides))
-
-  def factor_applies(self, kind: str) -> bool:
-    """Whether the per-step factor of a ``context`` rule (PEGE's mu) reaches quantizer ``kind``
-    (``"w"`` weights, ``"a"`` activations); elsewhere the factor is 0."""
-    return self.context_factor_on == "both" or self.context_factor_on == {"w": "weights", "a": "activations"}[kind]
+        raise ValueError(f"override {pattern!r} has unknown keys {sorted(unknown)}; valid: {list(OVERRIDE_KEYS)}")
+      frozen.append((pattern, tuple(sorted(given.items()))))
+    object.__setattr__(self, "overrides", tuple(frozen))
+    settings = dict(self.settings)
+    for name, values in settings.items():
+      rules.get(name).resolve(dict(values))            # unknown rules, keys and bad values raise now
+    object.__setattr__(self, "settings", _freeze(settings))
+    for _, given in self.overrides:   # validates the override values now, not at the first call
+      _apply_overrides(self.weight, self.act, dict(given))
 
   def resolve(self, path: str) -> LayerQuant:
-    """The setting of the layer at ``path`` after every matching rule."""
+    """The setting of the layer at ``path`` after every matching override.
+
+    Args:
+      path: the layer's module path, ``"stage1_block0/conv1"``.
+
+    Returns:
+      Its :class:`LayerQuant`.
+    """
     weight, act = self.weight, self.act
     if not self.enabled:
       return LayerQuant(dataclasses.replace(weight, method="none"), dataclasses.replace(act, method="none"))
-    for pattern, overrides in self.rules:
+    for pattern, given in self.overrides:
       if re.search(pattern, path):
-        weight, act = _apply_overrides(weight, act, dict(overrides))
+        weight, act = _apply_overrides(weight, act, dict(given))
     return LayerQuant(weight, act)
+
+  def unmatched(self, paths) -> list[str]:
+    """The override patterns that match none of ``paths``.
+
+    Args:
+      paths: module paths of the quantizable layers.
+
+    Returns:
+      The patterns, in order.
+    """
+    paths = list(paths)
+    return [pattern for pattern, _ in self.overrides if not any(re.search(pattern, p) for p in paths)]
+
+  def rule_names(self) -> list[str]:
+    """Every rule this setting can resolve to: the global ones and those the overrides name.
+
+    Returns:
+      Rule names, in registration order.
+    """
+    named = {spec.rule for spec in (self.weight, self.act) if spec.active}
+    for _, given in self.overrides:
+      named |= {value for key, value in given if key in ("rule", "weight_rule", "act_rule")}
+    return [name for name in rules.RULES if name in named]
+
+  def rule_settings(self, name: str) -> dict[str, Any]:
+    """The full settings of rule ``name``: its defaults with this config's settings applied.
+
+    Args:
+      name: a rule name.
+
+    Returns:
+      Every key of the rule's section.
+    """
+    given = dict(self.settings).get(name, ())
+    rule = rules.get(name)
+    return rule.resolve({k: dict(v) if rule.settings[k].free_form else v for k, v in dict(given).items()})
+
+  def options(self, name: str) -> rules.RuleOptions:
+    """The static options of rule ``name`` the layers read (variant, replacement granularity, ...).
+
+    Args:
+      name: a rule name.
+
+    Returns:
+      Its :class:`~ewgs_jax.rules.RuleOptions`.
+    """
+    return _options(self, name)
 
   def discretizer(self, spec: QuantizerSpec, value=None) -> estimators.Discretizer:
     """The discretizer of a quantizer with this setting.
 
     Args:
       spec: the quantizer's resolved setting.
-      value: its rule's hyper-parameter (see :meth:`ewgs_jax.estimators.BackwardRule.bind`).
+      value: its rule's factor (see :meth:`ewgs_jax.rules.Rule.bind`).
 
     Returns:
-      ``(x, bits) -> x_q`` with the rule's variant chosen by ``rule_variants``.
+      ``(x, bits) -> x_q`` with the rule's variant chosen by its settings.
     """
-    return spec.rule.bind(value, dict(self.rule_variants).get(spec.backward))
+    return rules.get(spec.rule).bind(value, self.options(spec.rule).variant)
+
+
+_OPTIONS: dict[tuple[Any, str, int], rules.RuleOptions] = {}
+
+
+def _options(quant: QuantConfig, name: str) -> rules.RuleOptions:
+  """``quant.options(name)``, computed once per setting (layers ask at every trace)."""
+  key = (quant.settings, name, id(rules.get(name)))
+  if key not in _OPTIONS:
+    _OPTIONS[key] = rules.get(name).rule_options(quant.rule_settings(name))
+  return _OPTIONS[key]
 
 
 def _apply_overrides(weight: QuantizerSpec, act: QuantizerSpec, o: dict) -> tuple[QuantizerSpec, QuantizerSpec]:
-  """The two quantizer settings after one rule's overrides."""
+  """The two quantizer settings after one override."""
   w, a = {}, {}
-  if "bits" in o:
-    w["bits"] = a["bits"] = o["bits"]
-  if "method" in o:
-    w["method"] = a["method"] = o["method"]
-  if "backward" in o:
-    w["backward"] = a["backward"] = o["backward"]
+  for key in ("bits", "method", "rule"):
+    if key in o:
+      w[key] = a[key] = o[key]
   for key, value in o.items():
     if key.startswith("weight_"):
       w[key[len("weight_"):]] = value

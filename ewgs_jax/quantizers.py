@@ -350,9 +350,10 @@ def _lsq_init(x, bits, weight):
   return 2.0 * jnp.mean(jnp.abs(x.astype(jnp.float32))) / math.sqrt(max(q_pos, 1))
 
 
-# Initialisation as in each paper: EWGS Sec. 4.1 / the reference ``QConv.initialize`` (weights
-# -+3 sigma(w); activations [min(x), 3 sigma(x) / sqrt(1 - 2/pi)]); PACT Sec. 3 (activation clip 10;
-# weights, our choice, 3 sigma(w)); LSQ Sec. 2.1 (2 E|x| / sqrt(Q_P)).
+# Initialisation: EWGS Sec. 4.1 (weights -+3 sigma(w); activations up to 3 sigma(x) / sqrt(1 - 2/pi)),
+# with the activation lower bound min(x) as the official ``QConv.initialize`` sets it (the paper says 0;
+# the same for inputs after a ReLU; README "Deviations"); PACT Sec. 3 (activation clip 10; weights, our
+# choice, 3 sigma(w)); LSQ Sec. 2.1 (2 E|x| / sqrt(Q_P)).
 register_method(ForwardMethod(
     "interval",
     lambda x, p, *, bits, weight, **kw: interval(x, p["lower"], p["upper"], bits=bits, weight=weight, **kw),

@@ -527,7 +527,7 @@ def results_table(workdirs: list[str]) -> str:
     q = s.get("config", {}).get("quant", {})
     enabled = q.get("enabled", False)
     bits = f"W{q.get('weight_bits')}A{q.get('act_bits')}" if enabled else "32/32"
-    backward = q.get("backward", "-") if enabled else "full precision"
+    backward = q.get("rule", q.get("backward", "-")) if enabled else "full precision"
     speed = f"{s['train_images_per_s']:,.0f}" if s.get("train_images_per_s") else "-"
     if s.get("preempted"):
       name += f" (stopped early at step {s.get('train_steps', '?')})"

@@ -1,4 +1,4 @@
-"""Step-dependent values: PEGE replacement rate ``p_T`` and gradient factor ``mu_T``; EWGS delta refresh timing.
+"""Step-dependent values: PEGE replacement rate ``p_T`` and gradient factor ``mu_T`` (pure, reusable by any rule).
 
 Every factory returns a pure, jittable ``step -> value`` function (the shape of an
 ``optax.Schedule``); ``step`` may be a Python int or a traced integer array. Invalid arguments
@@ -311,44 +311,3 @@ def mu_schedule(kind: str, **kwargs) -> Schedule:
     The schedule, ``step -> mu_T``.
   """
   return _lookup(MU_SCHEDULES, kind, "mu")(**kwargs)
-
-
-# --- EWGS delta refresh timing (EWGS Sec. 4.1, Table 4) ------------------------------------------
-
-#: ``"hessian"``: Eq. 10 every ``every_epochs`` epochs, delta = 0 until the first refresh (never at
-#: step 0, as in the reference code); ``"fixed"``: every delta set once, at step 0; ``"off"``: never.
-DELTA_MODES = ("hessian", "fixed", "off")
-
-
-def check_delta_mode(mode: str) -> str:
-  """Validates a delta refresh mode.
-
-  Args:
-    mode: one of :data:`DELTA_MODES`.
-
-  Returns:
-    ``mode``.
-  """
-  if mode not in DELTA_MODES:
-    raise ValueError(f"unknown delta mode {mode!r}; valid choices: {list(DELTA_MODES)}")
-  return mode
-
-
-def delta_refresh_due(mode: str, step: int, steps_per_epoch: int, every_epochs: int) -> bool:
-  """Whether EWGS's delta is refreshed before training step ``step`` (a host-side Python decision).
-
-  Args:
-    mode: one of :data:`DELTA_MODES`.
-    step: the number of steps done.
-    steps_per_epoch: steps in one epoch.
-    every_epochs: the refresh period in epochs (``"hessian"`` mode).
-
-  Returns:
-    True at step 0 for ``"fixed"``; at every ``every_epochs``-th epoch boundary after step 0 for
-    ``"hessian"``; never for ``"off"``.
-  """
-  if check_delta_mode(mode) == "fixed":
-    return step == 0
-  if mode == "off" or step == 0:
-    return False
-  return step % steps_per_epoch == 0 and (step // steps_per_epoch) % every_epochs == 0

@@ -1,4 +1,4 @@
-"""Checkpoints: round trip, last-N plus best retention, config guard, warm-start loading, SIGTERM."""
+"""Checkpoints: round trip, last-N plus best retention, warm-start copy and loading, failed saves, SIGTERM."""
 
 import json
 import os
@@ -59,34 +59,46 @@ def test_keeps_last_n_plus_best(tmp_path):
   latest_only.close()
 
 
-def test_config_guard(tmp_path):
-  config = {"model": "resnet20", "quant": {"bits": 2, "backward": "ewgs"}, "init_from": "a"}
-  checkpoints.save_or_check_config(str(tmp_path), config)
-  checkpoints.save_or_check_config(str(tmp_path), config)   # same config: resume
-  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 1.0}\n')   # it has trained
-  changed = {"model": "resnet20", "quant": {"bits": 4, "backward": "ewgs"}, "seed": 1, "init_from": "a"}
-  with pytest.raises(ValueError, match=r"different config \(quant\.bits: 2 -> 4; seed: '<absent>' -> 1\)"):
-    checkpoints.save_or_check_config(str(tmp_path), changed)
-  moved = {**config, "init_from": "b"}
-  with pytest.raises(ValueError, match=r"init_from: 'a' -> 'b'"):
-    checkpoints.save_or_check_config(str(tmp_path), moved)
-  checkpoints.save_or_check_config(str(tmp_path), moved, ignore=("init_from",))   # allowed when asked
-
-
-def test_config_of_a_run_that_never_trained_is_replaced(tmp_path):
-  checkpoints.save_or_check_config(str(tmp_path), {"data_dir": None, "seed": 0})
-  (tmp_path / checkpoints.WARM_START_FILE).write_bytes(b"stale")
-  os.makedirs(tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-1")   # an unfinished save is no checkpoint
-  checkpoints.save_or_check_config(str(tmp_path), {"data_dir": "/data", "seed": 0})
-  assert json.loads((tmp_path / "config.json").read_text())["data_dir"] == "/data"
-  assert not (tmp_path / checkpoints.WARM_START_FILE).exists()
-
-
 def test_warm_start_copy_round_trip(tmp_path):
-  variables = {"params": {"conv": {"kernel": np.ones((2, 2), np.float32)}}, "batch_stats": {"bn": {"mean": np.zeros(2)}}}
+  variables = {"params": {"conv": {"kernel": np.ones((2, 2), np.float32)}},
+               "batch_stats": {"bn": {"mean": np.zeros(2)}}}
   assert checkpoints.load_warm_start(str(tmp_path)) is None
   checkpoints.save_warm_start(str(tmp_path), variables, source="runs/fp")
   jax.tree.map(np.testing.assert_array_equal, checkpoints.load_warm_start(str(tmp_path)), variables)
+
+
+def test_a_broken_warm_start_copy_is_named_with_its_fix(tmp_path):
+  (tmp_path / checkpoints.WARM_START_FILE).write_bytes(b"PK\x03\x04 torn")
+  with pytest.raises(ValueError, match=rf"warm-start copy {tmp_path}/warm_start.npz is unreadable .*delete it, and "
+                                       r"the run copies its warm start again from config.init_from"):
+    checkpoints.load_warm_start(str(tmp_path))
+
+
+def test_a_full_disk_is_one_line_naming_the_directory_and_the_last_good_checkpoint(tmp_path, monkeypatch):
+  keeper = checkpoints.CheckpointKeeper(str(tmp_path), max_to_keep=2)
+  keeper.save(1, toy_state(1.0), {})
+  keeper.wait_until_finished()
+
+  def disk_full(*args, **kwargs):
+    raise ValueError('RESOURCE_EXHAUSTED: Error writing local file "x/_sharding": Failed to write 22591 bytes to '
+                     "file 7: No space left on device [os_error_code='28']\nsecond line")
+
+  monkeypatch.setattr(keeper.manager, "save", disk_full)
+  with pytest.raises(checkpoints.CheckpointSaveError) as failure:
+    keeper.save(2, toy_state(2.0), {})
+  assert str(failure.value) == (f"saving a checkpoint in {tmp_path}/checkpoints failed (No space left on device); "
+                                "stopped. The last good checkpoint is step 1: free some space and re-run the same "
+                                "command to resume")
+  keeper.close()
+
+
+def test_names_moved_to_workdir_are_still_reachable_from_checkpoints():
+  from ewgs_jax import workdir
+  for name in ("WorkdirLock", "WorkdirBusyError", "save_or_check_config", "install_preemption_handler",
+               "uninstall_preemption_handler", "preemption_requested", "stop_requested"):
+    assert getattr(checkpoints, name) is getattr(workdir, name)
+  with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+    checkpoints.nothing  # noqa: B018
 
 
 def test_load_variables_saved_on_two_devices_into_one(tmp_path):
@@ -134,14 +146,6 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
   keeper.close()
 
 
-def test_workdir_lock_refuses_a_second_holder(tmp_path):
-  with checkpoints.WorkdirLock(str(tmp_path)):
-    with pytest.raises(checkpoints.WorkdirBusyError, match=rf"in use by another run \(pid {os.getpid()}\)"):
-      checkpoints.WorkdirLock(str(tmp_path)).acquire()
-  with checkpoints.WorkdirLock(str(tmp_path)):   # released: free again
-    pass
-
-
 def test_load_variables_from_another_run(tmp_path):
   keeper = checkpoints.CheckpointKeeper(str(tmp_path), max_to_keep=1)
   keeper.save(3, toy_state(2.0), {})
@@ -164,10 +168,10 @@ def test_no_checkpoint_is_an_error_naming_the_workdir(tmp_path):
 TOY_LOOP = """
 import json, sys, time
 import jax, jax.numpy as jnp
-from ewgs_jax import checkpoints
+from ewgs_jax import checkpoints, workdir as guard
 
 workdir, num_steps = sys.argv[1], int(sys.argv[2])
-checkpoints.install_preemption_handler()
+guard.install_preemption_handler()
 keeper = checkpoints.CheckpointKeeper(workdir, max_to_keep=2)
 state = {"params": {"w": jnp.zeros(3)}, "step": jnp.int32(0)}
 restored = keeper.restore_latest(jax.eval_shape(lambda: state))
@@ -181,7 +185,7 @@ for step in range(start, num_steps):
   with open(workdir + "/progress", "a") as f:
     f.write(f"{step}\\n")
   time.sleep(0.05)
-  if checkpoints.preemption_requested() or keeper.reached_preemption(step + 1):
+  if guard.preemption_requested() or keeper.reached_preemption(step + 1):
     preempted = True
     break
 keeper.save(int(state["step"]), state, {"next_step": int(state["step"])})

@@ -21,11 +21,13 @@ def test_shipped_configs_are_valid(name, variants):
 
 def test_variant_sets_what_it_says():
   c = load_config("cifar10_resnet20", "w4a4_pege")
-  # delta.mode "hessian" in every QAT variant: the refresh follows the layers' resolved rules, so an
+  # ewgs.mode "hessian" in every QAT variant: the refresh follows the layers' resolved rules, so an
   # EWGS per-layer rule under a PEGE variant gets its delta (issue 13), and a pure PEGE run refreshes nothing
-  assert (c.quant.weight_bits, c.quant.act_bits, c.quant.backward, c.delta.mode) == (4, 4, "pege", "hessian")
+  assert (c.quant.weight_bits, c.quant.act_bits, c.quant.rule, c.ewgs.mode) == (4, 4, "pege", "hessian")
   c = load_config("cifar10_resnet20", "w2a2_ewgs_fixed")
-  assert (c.quant.backward, c.delta.mode) == ("ewgs", "fixed")
+  assert (c.quant.rule, c.ewgs.mode) == ("ewgs", "fixed")
+  c = load_config("quickstart", "w1a1_pege")   # any w<b>a<b>_<rule> variant, as the paper configs
+  assert (c.quant.weight_bits, c.quant.act_bits, c.quant.rule) == (1, 1, "pege")
   assert not load_config("cifar10_resnet20", "fp").quant.enabled
   with pytest.raises(ValueError, match="unknown variant"):
     load_config("cifar10_resnet20", "w2a2_bogus")
@@ -33,21 +35,23 @@ def test_variant_sets_what_it_says():
 
 def test_unknown_key_is_named_with_suggestion():
   c = config_lib.default_config()
-  c.quant.backwards = "ewgs"
-  with pytest.raises(ValueError, match=r"unknown config keys: quant\.backwards \(did you mean quant\.backward\?\)"):
+  c.quant.rulez = "ewgs"
+  with pytest.raises(ValueError, match=r"unknown config keys: quant\.rulez \(did you mean quant\.rule\?\)"):
     config_lib.validate(c)
 
 
 @pytest.mark.parametrize("key,value,pattern", [
     ("quant.weight_bits", 0, r"quant\.weight_bits=0 is invalid; valid choices: integers 1\.\.16"),
     ("quant.act_bits", 17, r"quant\.act_bits=17"),
-    ("quant.backward", "sste", r"quant\.backward='sste' is invalid; valid choices: \['ewgs', 'pege', 'ste'\]"),
+    ("quant.rule", "sste", r"quant\.rule='sste' is invalid; valid choices: \['ewgs', 'pege', 'ste'\] \(did you mean 'ste'\?\)"),
     ("quant.weight_method", "apot", r"valid choices: \['interval', 'pact', 'lsq', 'dorefa', 'none'\]"),
     ("model", "resnet21", r"config\.model='resnet21' is invalid; valid choices: \[.*'resnet20'"),
     ("optimizer", "lamb", r"valid choices: \['adam', 'sgd'\]"),
     ("pege.rate_schedule", "step", r"valid choices: \['constant', 'cosine', 'exponential', 'linear', 'logarithmic'\]"),
     ("pege.granularity", "layer", r"valid choices: \['network', 'tensor', 'element'\]"),
-    ("delta.mode", "auto", r"valid choices: \['hessian', 'fixed', 'off'\]"),
+    ("ewgs.mode", "auto", r"valid choices: \['hessian', 'fixed', 'off'\]"),
+    ("ewgs.batch_size", 0, r"config\.ewgs\.batch_size=0 is invalid: it must be a positive integer"),
+    ("ewgs.tolerance", -1.0, r"config\.ewgs\.tolerance=-1\.0 is invalid"),
     ("batch_size", 0, r"config\.batch_size=0 is invalid"),
 ])
 def test_invalid_values_list_valid_choices(key, value, pattern):
@@ -71,7 +75,9 @@ def test_describe_lists_every_key_with_default_and_meaning():
   text = config_lib.describe()
   lines = {line.split(" = ")[0]: line for line in text.splitlines()}
   assert set(lines) == set(config_lib.known_keys())
-  assert lines["quant.backward"].startswith("quant.backward = 'ewgs'") and "ste | ewgs | pege" in lines["quant.backward"]
+  assert lines["quant.rule"].startswith("quant.rule = 'ewgs'") and "ste | ewgs | pege" in lines["quant.rule"]
+  assert "epochs between Hessian refreshes" in lines["ewgs.every_epochs"]       # a rule's own settings
+  assert "deprecated: use quant.rule" in lines["quant.backward"]
   assert "full-precision workdir to warm start" in lines["init_from"]
   assert all(len(line.split(None, 3)) == 4 for line in lines.values()), "every key has a meaning"
 
@@ -97,3 +103,32 @@ def test_deterministic_ops_flag_is_added_once_and_kept_with_other_flags():
   empty = {}
   training.enable_deterministic_ops(empty)
   assert empty == {"XLA_FLAGS": "--xla_gpu_deterministic_ops=true"}
+
+
+def test_renamed_keys_still_work_with_a_warning(caplog):
+  c = load_config("quickstart", "w2a2_ste")
+  c.quant.backward, c.delta.mode, c.delta.every_epochs = "ewgs", "fixed", 3
+  c.quant.rules = (("stage1", {"bits": 4}),)
+  with caplog.at_level("WARNING"):
+    config_lib.validate(c)
+  assert (c.quant.rule, c.ewgs.mode, c.ewgs.every_epochs) == ("ewgs", "fixed", 3)
+  assert c.quant.overrides == (("stage1", {"bits": 4}),) and c.quant.backward is None and c.delta.mode is None
+  assert "config key delta.mode is deprecated" in caplog.text and "use ewgs.mode" in caplog.text
+
+
+def test_a_rules_section_comes_from_its_declared_settings():
+  from ewgs_jax import rules
+  c = config_lib.default_config()
+  for name, rule in rules.RULES.items():
+    assert set(c.get(name, {})) == set(rule.settings)
+  assert config_lib.quant_config(c).rule_settings("ewgs")["every_epochs"] == c.ewgs.every_epochs
+
+
+def test_schedule_keyword_errors_name_the_key_and_the_fix():
+  c = config_lib.default_config()
+  c.pege.rate_ramp = 0.0        # the per-step constants of Eq. 4: k must be given
+  with pytest.raises(ValueError, match=r"config\.pege\.rate_kwargs: the logarithmic rate schedule with rate_ramp=0 "
+                                       r"\(the per-step constants\) needs k; set --config\.pege\.rate_kwargs\.k=VALUE"):
+    config_lib.validate(c)
+  c.pege.rate_kwargs.k = 1e-3   # every schedule keyword is a key of its own, settable from the command line
+  config_lib.validate(c)

@@ -138,10 +138,11 @@ def test_invalid_bits_raise(bits):
     ste(jnp.zeros(3), bits)
 
 
-def test_get_estimator_lists_choices():
-  assert estimators.get_estimator("pege") is pege
-  with pytest.raises(ValueError, match=r"valid choices: \['ewgs', 'pege', 'ste'\]"):
-    estimators.get_estimator("ewg")
+def test_rule_lookup_lists_choices():
+  from ewgs_jax import rules
+  assert rules.get("pege").discretizer is pege
+  with pytest.raises(ValueError, match=r"unknown rule 'ewg' \(did you mean ewgs\?\); valid choices: \['ewgs', 'pege', 'ste'\]"):
+    rules.get("ewg")
 
 
 def test_ste_forward_is_bitwise_round_to_grid():

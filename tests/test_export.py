@@ -186,7 +186,7 @@ def random_variables(model, shape, seed=0):
 
 def cyclic_bits(model, shape, bits=BITS) -> tuple:
   """Per-layer rules giving the model's quantized layers the bit widths ``bits`` in turn."""
-  paths = initialization.quantizable_layers(model, jax.ShapeDtypeStruct((1, *shape), jnp.float32))
+  paths = initialization.layer_report(model, jax.ShapeDtypeStruct((1, *shape), jnp.float32), train=False).paths
   return tuple((f"^{p}$", {"bits": bits[i % len(bits)]}) for i, p in enumerate(paths))
 
 
@@ -292,7 +292,7 @@ def model_quant(method, family="cifar_resnet", first_last=True, bits=2):
   # vacuous test); the other families cover 1 bit
   cycle = BITS[1:] if family == "mobilenet_v2" else BITS
   return QuantConfig(weight=spec, act=spec, quantize_first_last=first_last,
-                     rules=cyclic_bits(model, shape, cycle)), shape
+                     overrides=cyclic_bits(model, shape, cycle)), shape
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -333,7 +333,7 @@ def test_mixed_settings_weight_only_layers_and_full_precision_edges():
            ("stage1_block0/conv2", {"weight_method": "none"}),                   # float weights, 4-bit codes
            ("stage2_block0/conv1", {"weight_method": "interval", "act_method": "lsq", "bits": 3}),
            ("stage2_block0/conv2", {"method": "dorefa", "bits": 5}))
-  quant = QuantConfig(weight=QuantizerSpec("pact", "ste", 4), act=QuantizerSpec("pact", "ste", 4), rules=rules)
+  quant = QuantConfig(weight=QuantizerSpec("pact", "ste", 4), act=QuantizerSpec("pact", "ste", 4), overrides=rules)
   model, shape = build("cifar_resnet", quant)
   integer_model, *_ = assert_integer_model_matches(model, shape)
   layers = integer_model.metadata["layers"]

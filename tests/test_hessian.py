@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from ewgs_jax import hessian, initialization, layers, names
+from ewgs_jax import hessian, initialization, layers, losses, names, rules
 from ewgs_jax.layers import QuantConfig, QuantConv, QuantDense, QuantizerSpec
+from ewgs_jax.rules import ewgs as ewgs_rule
 from tests import test_ops
 
 
@@ -49,12 +50,42 @@ def setup():
   return out, batch
 
 
+def classification_loss(model):
+  """The training loss as the Hessian code takes it: ``loss(variables, batch)``, BatchNorm on batch statistics."""
+  def loss(variables, batch):
+    logits, _ = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
+    return losses.mean_cross_entropy(logits, batch["label"])
+  return loss
+
+
+def probe_loss(model, variables, batch):
+  """``(loss(probes), zero probes)`` over every quantizer of ``model``, in path order."""
+  loss_fn = classification_loss(model)
+  return hessian.probe_loss(loss_fn, variables, batch, hessian.find_quantizers(loss_fn, variables, batch))
+
+
+def estimate(model, variables, batch, key, **kwargs):
+  """``[(path, Tr(H)/N, sigma, samples)]`` per quantizer, from the jitted estimate."""
+  loss_fn = classification_loss(model)
+  found = hessian.find_quantizers(loss_fn, variables, batch)
+  traces, sigmas, counts = jax.jit(hessian.trace_fn(loss_fn, found, **kwargs))(variables, batch, key)
+  return list(zip(found.paths, np.asarray(traces), np.asarray(sigmas), np.asarray(counts)))
+
+
+def refresh(variables, batches, key, **settings):
+  """The EWGS rule's delta refresh (its action) on ``variables``: ``(new variables, metrics)``."""
+  model = TinyMLP(quant("ewgs"))
+  action = ewgs_rule.DeltaRefresh(rules.get("ewgs").resolve(settings))
+  clock = rules.Clock(step=10, steps_per_epoch=10, total_steps=100)
+  return action(rules.ActionInput(clock, variables, classification_loss(model), batches, key, lambda: False))
+
+
 _EXACT = {}
 
 
 def exact_block_traces(model, variables, batch):
   """Tr(H_ii)/N_i per probe block from the full Jacobian of the gradient (``jax.hessian``)."""
-  loss, zeros = hessian.probe_loss(model, variables, batch)
+  loss, zeros = probe_loss(model, variables, batch)
   flat, unravel = ravel_pytree(zeros)
   if id(model) not in _EXACT:
     _EXACT[id(model)] = np.asarray(jax.jit(jax.hessian(lambda z: loss(unravel(z))))(flat))
@@ -68,7 +99,7 @@ def exact_block_traces(model, variables, batch):
 def test_all_rademacher_vectors_give_the_exact_block_trace(setup, backward):
   models, batch = setup
   model, variables = models[backward]
-  loss, zeros = hessian.probe_loss(model, variables, batch)
+  loss, zeros = probe_loss(model, variables, batch)
   h, bounds, exact = exact_block_traces(model, variables, batch)
   grad_fn = jax.grad(loss)
   leaves, treedef = jax.tree.flatten(zeros)
@@ -105,10 +136,9 @@ def test_estimates_converge_to_exact_block_traces(setup, mode, backward):
   model, variables = models[backward]
   h, bounds, exact = exact_block_traces(model, variables, batch)
   samples = 400
-  estimator = hessian.make_trace_estimator(model, mode=mode, max_samples=samples, tolerance=0.0)
-  result = estimator(variables, batch, jax.random.key(3))
+  result = estimate(model, variables, batch, jax.random.key(3), mode=mode, max_samples=samples, tolerance=0.0)
   assert len(result) == len(exact) == 4
-  for i, (trace, _, count) in enumerate(result.values()):
+  for i, (_, trace, _, count) in enumerate(result):
     assert count == samples
     tolerance = 5 * sample_std(h, bounds, i, mode == "joint") / np.sqrt(samples) + 1e-6
     assert abs(trace - exact[i]) < tolerance, (i, trace, exact[i], tolerance)
@@ -123,7 +153,7 @@ def test_forward_over_reverse_equals_reverse_over_reverse_per_sample(setup, back
   """
   models, batch = setup
   model, variables = models[backward]
-  loss, zeros = hessian.probe_loss(model, variables, batch)
+  loss, zeros = probe_loss(model, variables, batch)
   grad_fn = jax.grad(loss)
 
   @jax.jit
@@ -165,8 +195,6 @@ def test_delta_rule_formula_and_guards():
   grad = np.asarray([0.1, -0.3, 0.5, 0.0, 0.2])
   np.testing.assert_allclose(hessian.delta_from_gradient(0.6, grad), 0.6 / (3 * np.std(grad, ddof=1)), rtol=1e-6)
   assert np.isnan(hessian.delta_from_gradient(0.6, np.zeros(5)))   # all-zero gradient: undefined
-  assert hessian.delta_path("stage1_block0/conv1/w_q") == "stage1_block0/conv1/delta_w"
-  assert hessian.delta_path("fc/a_q") == "fc/delta_a"
 
 
 def test_refresh_only_writes_delta(setup):
@@ -174,20 +202,47 @@ def test_refresh_only_writes_delta(setup):
   model, variables = models["ewgs"]
   variables = jax.tree.map(jnp.asarray, variables)
   before = jax.tree.map(np.asarray, variables)
-  estimator = hessian.make_trace_estimator(model, mode="joint", max_samples=20)
-  policy = hessian.DeltaRefreshPolicy(mode="hessian", every_epochs=1)
-  quant_state, report = policy.refresh(estimator, variables, [batch, batch], jax.random.key(4))
+  new, metrics = refresh(variables, [batch, batch], jax.random.key(4), mode="hessian", max_samples=20)
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, variables), before)  # inputs untouched
-  assert jax.tree.structure(quant_state) == jax.tree.structure(variables["quant_state"])
-  assert set(report) == {"d1/delta_a", "d1/delta_w", "d2/delta_a", "d2/delta_w"}
-  values = np.asarray(jax.tree.leaves(quant_state))
+  assert jax.tree.structure(new) == jax.tree.structure(variables)
+  for collection in ("params", "batch_stats"):    # only deltas change
+    jax.tree.map(np.testing.assert_array_equal, new[collection], variables[collection])
+  values = np.asarray(jax.tree.leaves(new["quant_state"]))
   assert np.all(values >= 0) and np.all(np.isfinite(values)) and np.any(values != 2.0)
-  # a batch with no gradient (all-equal logits are impossible to force here; zero labels weight)
-  fixed = hessian.refresh_deltas(None, variables, [], None, hessian.DeltaRefreshPolicy(mode="fixed", fixed_delta=0.001))
-  np.testing.assert_allclose(jax.tree.leaves(fixed), 0.001)
-  # the report and the new quant_state agree, path by path (w_q -> delta_w, a_q -> delta_a)
-  for path, leaf in jax.tree_util.tree_flatten_with_path(quant_state)[0]:
-    assert report[names.path_str(path)] == pytest.approx(float(leaf))
+  # each probe's delta is written into its own layer's leaf: w_q -> delta_w, a_q -> delta_a
+  found = hessian.find_quantizers(classification_loss(model), variables, batch)
+  assert found.paths == ["d1/a_q", "d1/w_q", "d2/a_q", "d2/w_q"]
+  assert [found.leaf_names[q.leaf] for q in found.ordered] == [
+      "quant_state/d1/delta_a", "quant_state/d1/delta_w", "quant_state/d2/delta_a", "quant_state/d2/delta_w"]
+  np.testing.assert_allclose(metrics["delta_w"], np.mean([new["quant_state"][d]["delta_w"] for d in ("d1", "d2")]))
+  fixed, _ = refresh(variables, [batch], None, mode="fixed", fixed_value=0.001)
+  np.testing.assert_allclose(jax.tree.leaves(fixed["quant_state"]), 0.001)
+
+
+def test_refresh_writes_deltas_wherever_the_state_keeps_them(setup):
+  """The state is any pytree: here the variables nested in a user's own train state (a tuple with a step)."""
+  models, batch = setup
+  model, variables = models["ewgs"]
+  loss_fn = classification_loss(model)
+  action = ewgs_rule.DeltaRefresh(rules.get("ewgs").resolve({"max_samples": 5}))
+  state = (jnp.int32(10), {"model": variables})
+  clock = rules.Clock(10, 10, 100)
+  new, _ = action(rules.ActionInput(clock, state, lambda s, b: loss_fn(s[1]["model"], b), [batch], jax.random.key(0),
+                                    lambda: False))
+  assert int(new[0]) == 10
+  assert not np.allclose(jax.tree.leaves(new[1]["model"]["quant_state"]), 2.0)
+  jax.tree.map(np.testing.assert_array_equal, new[1]["model"]["params"], variables["params"])
+
+
+def test_refresh_gives_up_when_stopped_between_batches(setup):
+  models, batch = setup
+  model, variables = models["ewgs"]
+  action = ewgs_rule.DeltaRefresh(rules.get("ewgs").resolve({"max_samples": 3}))
+  calls = []
+  stop = lambda: calls.append(1) or len(calls) > 1   # stop before the second batch
+  new, metrics = action(rules.ActionInput(rules.Clock(10, 10, 100), variables, classification_loss(model),
+                                          [batch, batch, batch], jax.random.key(0), stop))
+  assert new is None and metrics == {} and len(calls) == 2
 
 
 def test_zero_gradient_batch_keeps_delta_finite(setup):
@@ -196,35 +251,43 @@ def test_zero_gradient_batch_keeps_delta_finite(setup):
   # Zeroing the last layer's weights and bound spread makes every probe's gradient vanish.
   params = jax.tree.map(jnp.zeros_like, variables["params"])
   zeroed = {**variables, "params": params}
-  estimator = hessian.make_trace_estimator(model, mode="joint", max_samples=4)
-  quant_state, report = hessian.DeltaRefreshPolicy().refresh(estimator, zeroed, [batch], jax.random.key(5))
-  assert all(np.isfinite(v) for v in report.values())
-  np.testing.assert_allclose(list(report.values()), 2.0)   # kept the previous delta
+  new, _ = refresh(zeroed, [batch], jax.random.key(5), max_samples=4)
+  values = jax.tree.leaves(new["quant_state"])
+  assert all(np.isfinite(v) for v in values)
+  np.testing.assert_allclose(values, 2.0)   # kept the previous delta
 
 
-@pytest.mark.parametrize("policy,expected", [
-    (hessian.DeltaRefreshPolicy(mode="hessian", every_epochs=10), [100, 200]),
-    (hessian.DeltaRefreshPolicy(mode="hessian", every_epochs=1), [10 * k for k in range(1, 25)]),
-    (hessian.DeltaRefreshPolicy(mode="fixed"), [0]),
-    (hessian.DeltaRefreshPolicy(mode="off"), []),
+@pytest.mark.parametrize("mode,every,expected", [
+    ("hessian", 10, [100, 200]),
+    ("hessian", 1, [10 * k for k in range(1, 25)]),
+    ("fixed", 10, [0]),
+    ("off", 10, []),
 ])
-def test_refresh_schedule(policy, expected):
+def test_refresh_schedule(mode, every, expected):
   steps_per_epoch = 10
-  assert [s for s in range(250) if policy.should_refresh(s, steps_per_epoch)] == expected
+  assert [s for s in range(250) if ewgs_rule.refresh_due(mode, s, steps_per_epoch, every)] == expected
 
 
-def test_bad_modes_raise():
+def test_bad_modes_raise(setup):
   with pytest.raises(ValueError, match="valid choices"):
-    hessian.DeltaRefreshPolicy(mode="auto")
+    rules.get("ewgs").resolve({"mode": "auto"})
+  models, batch = setup
+  model, variables = models["ewgs"]
+  found = hessian.find_quantizers(classification_loss(model), variables, batch)
   with pytest.raises(ValueError, match="valid choices"):
-    hessian.make_trace_estimator(None, mode="diag")
+    hessian.trace_fn(classification_loss(model), found, mode="diag")
+  with pytest.raises(ValueError, match="calls no quantizer with rule 'pege'"):
+    hessian.find_quantizers(classification_loss(model), variables, batch, rule="pege")
+  with pytest.raises(ValueError, match=r"d1/a_q \(rule 'ewgs'\) reads its factor from nothing in the state given"):
+    hessian.find_quantizers(lambda v, b: classification_loss(model)(variables, b), {"unrelated": 1.0}, batch,
+                            rule="ewgs")
 
 
 _SHARDED_SCRIPT = textwrap.dedent("""
     import json
     import jax, numpy as np
     from ewgs_jax import hessian, initialization, layers, parallel
-    from tests.test_hessian import TinyMLP, quant
+    from tests.test_hessian import TinyMLP, classification_loss, quant
 
     model = TinyMLP(quant("ewgs"))
     x = jax.random.normal(jax.random.key(0), (8, 2)) + 0.5
@@ -232,12 +295,13 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     batch = {"image": np.asarray(x), "label": np.asarray([0, 1, 2, 1, 0, 2, 1, 0])}
     mesh = parallel.make_mesh()
     rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    fn = hessian.trace_fn(model, mode="blockwise", max_samples=6, tolerance=0.0)
-    args = (variables["params"], variables["batch_stats"], variables["quant_state"])
+    loss_fn = classification_loss(model)
+    fn = hessian.trace_fn(loss_fn, hessian.find_quantizers(loss_fn, variables, batch), mode="blockwise",
+                          max_samples=6, tolerance=0.0)
     key = jax.random.key(3)
-    single = jax.jit(fn)(*jax.device_put(args, jax.devices()[0]), jax.device_put(batch, jax.devices()[0]), key)
-    sharded = jax.jit(fn, in_shardings=(rep, rep, rep, data, rep), out_shardings=rep)(
-        *args, parallel.shard_batch(batch, mesh), key)
+    single = jax.jit(fn)(jax.device_put(variables, jax.devices()[0]), jax.device_put(batch, jax.devices()[0]), key)
+    sharded = jax.jit(fn, in_shardings=(rep, data, rep), out_shardings=rep)(
+        variables, parallel.shard_batch(batch, mesh), key)
     print("RESULT " + json.dumps({"devices": jax.device_count(),
                                   "single": [np.asarray(a).tolist() for a in single],
                                   "sharded": [np.asarray(a).tolist() for a in sharded]}))
@@ -268,14 +332,16 @@ def test_linearize_equals_fresh_jvp(setup, mode):
   gives the same traces, sigmas and sample counts as a fresh ``jax.jvp(jax.grad)`` per probe."""
   models, batch = setup
   model, variables = models["ewgs"]
-  args = (variables["params"], variables["batch_stats"], variables["quant_state"], batch, jax.random.key(5))
-  out = {hvp: jax.jit(hessian.trace_fn(model, mode=mode, max_samples=7, tolerance=1e-2, hvp=hvp))(*args)
+  loss_fn = classification_loss(model)
+  found = hessian.find_quantizers(loss_fn, variables, batch)
+  args = (variables, batch, jax.random.key(5))
+  out = {hvp: jax.jit(hessian.trace_fn(loss_fn, found, mode=mode, max_samples=7, tolerance=1e-2, hvp=hvp))(*args)
          for hvp in hessian.HVP_METHODS}
   for a, b in zip(out["linearize"], out["jvp"]):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-8)
   assert np.all(np.asarray(out["linearize"][0]) != 0)
   with pytest.raises(ValueError, match="linearize"):
-    hessian.trace_fn(model, hvp="hvp")
+    hessian.trace_fn(loss_fn, found, hvp="hvp")
 
 
 class TinyConvNet(nn.Module):
@@ -292,22 +358,24 @@ class TinyConvNet(nn.Module):
 
 
 def test_estimate_of_a_conv_net_keeps_convolutions_fast_inside_its_sample_loop():
-  """With ``conv_impl="auto"`` on CPU every convolution of the compiled estimate (gradient pass and
-  the HVPs in the while loop) is in the canonical forward form XLA:CPU runs with its fast kernels,
-  and the traces, sigmas and counts equal those of an estimate forced onto XLA's own convolution
-  gradients."""
+  """With the custom convolution (``conv_impl="fast"``, what ``"auto"`` picks on CPU) every convolution
+  of the compiled estimate (gradient pass and the HVPs in the while loop) is in the canonical forward
+  form XLA:CPU runs with its fast kernels (checked on CPU), and on every backend the traces, sigmas
+  and counts equal those of an estimate on XLA's own convolution gradients."""
   model = TinyConvNet(quant("ewgs"))
   x = jax.random.normal(jax.random.key(0), (4, 6, 6, 2))
   variables = jax.jit(lambda k, x: initialization.init_variables(model, k, x))(jax.random.key(1), x)
-  args = (variables["params"], variables["batch_stats"], variables["quant_state"],
-          {"image": x, "label": jnp.asarray([0, 1, 2, 1])}, jax.random.key(2))
+  batch = {"image": x, "label": jnp.asarray([0, 1, 2, 1])}
+  args = (variables, batch, jax.random.key(2))
   out = {}
-  for impl in ("auto", "xla"):
-    estimate = jax.jit(hessian.trace_fn(model.clone(conv_impl=impl), mode="joint", max_samples=5, tolerance=0.0))
-    if impl == "auto" and jax.default_backend() == "cpu":
+  for impl in ("fast", "xla"):
+    loss_fn = classification_loss(model.clone(conv_impl=impl))
+    found = hessian.find_quantizers(loss_fn, variables, batch)
+    estimate = jax.jit(hessian.trace_fn(loss_fn, found, mode="joint", max_samples=5, tolerance=0.0))
+    if impl == "fast" and jax.default_backend() == "cpu":
       labels = test_ops.convolutions(estimate.lower(*args).compile().as_text())
       assert len(labels) >= 8 and set(labels) == {"b01f_01io->b01f"}, labels
     out[impl] = estimate(*args)
-  for a, b in zip(out["auto"], out["xla"]):
+  for a, b in zip(out["fast"], out["xla"]):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
-  assert np.all(np.asarray(out["auto"][0]) != 0) and np.all(np.asarray(out["auto"][2]) == 5)
+  assert np.all(np.asarray(out["fast"][0]) != 0) and np.all(np.asarray(out["fast"][2]) == 5)

@@ -34,7 +34,12 @@ class HandBuilt(nn.Module):
     return QuantDense(3, kernel_init=lecun, dtype=None, quant=self.quant, name="Dense_0")(jnp.mean(x, (1, 2)), ctx)
 
 
-PEGE = QuantConfig(weight=QuantizerSpec("interval", "pege", 2), act=QuantizerSpec("interval", "pege", 2))
+PEGE = QuantConfig(weight=QuantizerSpec("interval", "pege", 2), act=QuantizerSpec("interval", "pege", 2),
+                   quantize_first_last=True)   # every layer, as the hand-built model
+
+
+def pege_context(mu, rate, key):
+  return QuantContext(factors={"pege": {"mu": jnp.float32(mu), "rate": jnp.float32(rate)}}, key=key)
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +50,11 @@ def images():
 @pytest.mark.parametrize("quant", [
     PEGE,
     QuantConfig(weight=QuantizerSpec("interval", "ewgs", 2), act=QuantizerSpec("pact", "ste", 3),
-                rules=(("Dense_0", {"method": "none"}), ("Conv_1", {"backward": "pege"}))),
+                quantize_first_last=True, overrides=(("Dense_0", {"method": "none"}), ("Conv_1", {"rule": "pege"}))),
 ], ids=["pege", "mixed-rules"])
 def test_quantized_plain_model_equals_the_hand_built_one(images, quant):
   quantized, hand = ej.quantize(Plain(), quant), HandBuilt(quant)
-  ctx = QuantContext(mu=jnp.float32(0.05), rate=jnp.float32(0.5), key=jax.random.key(7))
+  ctx = pege_context(0.05, 0.5, jax.random.key(7))
   v = quantized.init(jax.random.key(1), images)
   v_hand = hand.init(jax.random.key(1), images)
   assert jax.tree.structure(v) == jax.tree.structure(v_hand)
@@ -85,10 +90,66 @@ def test_quantized_plain_model_trains_its_quantizer_parameters_and_warm_starts(i
     quantized.init(jax.random.key(0), jnp.zeros_like(images))
 
 
-def test_quantized_layers_carry_the_hessian_probes(images):
+def test_quantized_layers_carry_their_rule_state_and_no_batch_sized_variables(images):
   v = ej.quantize(Plain(), PEGE).init(jax.random.key(1), images)
-  assert set(v["perturbations"]) == {"Conv_0", "Conv_1", "Dense_0"}
+  assert set(v) == {"params", "quant_state"}
   assert set(v["quant_state"]["Conv_0"]) == {"delta_w", "delta_a"}
+
+
+def test_first_and_last_layers_stay_full_precision_unless_asked_and_init_says_what_it_did(images, caplog):
+  default = QuantConfig(weight=QuantizerSpec("interval", "ewgs", 2), act=QuantizerSpec("interval", "ewgs", 2))
+  quantized = ej.quantize(Plain(), default)
+  with caplog.at_level("INFO", logger="ewgs_jax"):
+    v = quantized.init(jax.random.key(1), images)
+  assert "q_w_lower" not in v["params"]["Conv_0"] and "q_w_lower" not in v["params"]["Dense_0"]
+  assert "q_w_lower" in v["params"]["Conv_1"]
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("quantize: ")]
+  assert lines == [
+      "quantize: Conv_0 (QuantConv): full precision (first/last layer; QuantConfig.quantize_first_last=False)",
+      "quantize: Conv_1 (QuantConv): weights interval/ewgs/2b, inputs interval/ewgs/2b",
+      "quantize: Dense_0 (QuantDense): full precision (first/last layer; QuantConfig.quantize_first_last=False)"]
+  logits = jax.jit(lambda v, x: quantized.apply(v, x))(v, images)   # apply finds the same layers (under jit too)
+  assert logits.shape == (4, 3) and bool(jnp.all(jnp.isfinite(logits)))
+  with pytest.raises(ValueError, match=r"overrides \['Conv_9'\] match no quantizable layer"):
+    ej.quantize(Plain(), QuantConfig(overrides=(("Conv_9", {"bits": 4}),))).init(jax.random.key(1), images)
+
+
+def test_a_constant_init_batch_raises_under_jit_too(images):
+  quantized = ej.quantize(Plain(), PEGE)
+  with pytest.raises(Exception, match="representative batch"):
+    jax.block_until_ready(jax.jit(quantized.init)(jax.random.key(0), jnp.zeros_like(images)))
+
+
+class Transformer(nn.Module):
+  """A transformer block as Flax writes it: attention (DenseGeneral projections), an Einsum, a Dense."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(8)(x)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)(x)
+    x = x + nn.Einsum((8, 8), "btd,de->bte")(nn.LayerNorm()(x))
+    return nn.Dense(3)(x.mean(1))
+
+
+def test_transformer_blocks_are_quantized_and_attention_products_are_named(caplog):
+  x = jax.random.normal(jax.random.key(0), (2, 5, 4))
+  quant = QuantConfig(weight=QuantizerSpec("interval", "pege", 4), act=QuantizerSpec("interval", "pege", 4))
+  quantized = ej.quantize(Transformer(), quant)
+  with caplog.at_level("INFO", logger="ewgs_jax"):
+    v = quantized.init(jax.random.key(1), x)
+  attention = v["params"]["MultiHeadDotProductAttention_0"]
+  assert {"query", "key", "value", "out"} <= set(attention)
+  assert all("q_w_lower" in attention[p] for p in ("query", "key", "value", "out"))
+  assert "q_a_upper" in v["params"]["Einsum_0"]
+  text = caplog.text
+  assert "MultiHeadDotProductAttention_0/query (QuantDenseGeneral): weights interval/pege/4b" in text
+  assert "MultiHeadDotProductAttention_0 (MultiHeadDotProductAttention): full precision (its projections are " \
+         "quantized; its query-key and attention-value products multiply two activations" in text
+  qat = ej.QAT(quant, total_steps=10)
+  ctx = qat.context(3, jax.random.key(2))
+  grads = jax.grad(lambda p: jnp.sum(quantized.apply({**v, "params": p}, x, ctx=ctx) ** 2))(v["params"])
+  assert float(jnp.abs(grads["Einsum_0"]["q_w_upper"])) > 0
+  assert float(jnp.abs(grads["MultiHeadDotProductAttention_0"]["value"]["q_a_upper"])) > 0
 
 
 def test_the_context_manager_quantizes_any_call(images):

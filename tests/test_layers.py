@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import ewgs_jax as ej
-from ewgs_jax import initialization, layers, models, names, quantizers
+from ewgs_jax import hessian, hooks, initialization, layers, models, names, quantizers, rules
 from ewgs_jax.layers import QuantConfig, QuantContext, QuantConv, QuantDense, QuantizerSpec
 
 W2A2_EWGS = QuantConfig(weight=QuantizerSpec("interval", "ewgs", 2), act=QuantizerSpec("interval", "ewgs", 2))
@@ -84,7 +84,7 @@ def test_pact_and_lsq_initialisations(images):
 
 
 def test_rule_changes_exactly_the_matched_layers(images):
-  base2 = QuantConfig(rules=((r"conv_b$", {"bits": 4}),))
+  base2 = QuantConfig(overrides=((r"conv_b$", {"bits": 4}),))
   all4 = QuantConfig(weight=QuantizerSpec(bits=4), act=QuantizerSpec(bits=4))
   assert base2.resolve("conv_b").weight.bits == 4 and base2.resolve("conv_a").weight.bits == 2
   v = initialization.init_variables(TwoConvs(base2), jax.random.key(6), images)
@@ -96,25 +96,29 @@ def test_rule_changes_exactly_the_matched_layers(images):
   conv_b = QuantConv(6, (3, 3), quant=all4)
   np.testing.assert_allclose(out(mixed, "conv_b"),
                              conv_b.apply({"params": v["params"]["conv_b"]}, jax.nn.relu(out(mixed, "conv_a"))), rtol=1e-5)
-  disabled = QuantConfig(rules=(("fc", {"enabled": False}), ("conv_a", {"weight_bits": 3, "act_method": "none"})))
+  disabled = QuantConfig(overrides=(("fc", {"enabled": False}), ("conv_a", {"weight_bits": 3, "act_method": "none"})))
   assert not disabled.resolve("fc").active
   assert disabled.resolve("conv_a").weight.bits == 3 and not disabled.resolve("conv_a").act.active
 
 
+def check_overrides(model, x):
+  initialization.layer_report(model, x).check(model.quant)
+
+
 def test_unmatched_or_invalid_rules_raise(images):
   with pytest.raises(ValueError, match=r"\['conv_c'\] match no quantizable layer"):
-    initialization.check_rules(TwoConvs(QuantConfig(rules=(("conv_c", {"bits": 3}),))), images)
-  initialization.check_rules(TwoConvs(QuantConfig(rules=(("conv_", {"bits": 3}),))), images)
+    check_overrides(TwoConvs(QuantConfig(overrides=(("conv_c", {"bits": 3}),))), images)
+  check_overrides(TwoConvs(QuantConfig(overrides=(("conv_", {"bits": 3}),))), images)
   with pytest.raises(ValueError, match="unknown keys"):
-    QuantConfig(rules=(("conv", {"bitz": 3}),))
+    QuantConfig(overrides=(("conv", {"bitz": 3}),))
   with pytest.raises(ValueError, match="bits"):
-    QuantConfig(rules=(("conv", {"bits": 0}),))
+    QuantConfig(overrides=(("conv", {"bits": 0}),))
   with pytest.raises(ValueError, match="valid choices"):
     QuantizerSpec(method="apot")
   # first/last layers of a model are not quantizable by default: a rule aimed at them is unmatched
-  resnet = models.get_model("resnet8", num_classes=10, quant=QuantConfig(rules=(("^fc$", {"bits": 8}),)))
+  resnet = models.get_model("resnet8", num_classes=10, quant=QuantConfig(overrides=(("^fc$", {"bits": 8}),)))
   with pytest.raises(ValueError, match="match no quantizable layer"):
-    initialization.check_rules(resnet, jnp.zeros((2, 8, 8, 1)))
+    check_overrides(resnet, jnp.zeros((2, 8, 8, 1)))
 
 
 def test_warm_start_copies_weights_and_names_mismatches(images):
@@ -141,7 +145,7 @@ def test_gradients_reach_every_quantizer_parameter_and_not_delta(images, backwar
   model = TwoConvs(quant)
   v = initialization.init_variables(model, jax.random.key(9), images)
   v["quant_state"] = jax.tree.map(lambda d: d + 0.5, v["quant_state"])
-  ctx = QuantContext(mu=jnp.float32(0.1), rate=jnp.float32(0.7), key=jax.random.key(1))
+  ctx = pege_context(mu=0.1, rate=0.7, key=jax.random.key(1))
 
   @jax.jit
   @jax.grad
@@ -159,16 +163,14 @@ def test_gradients_reach_every_quantizer_parameter_and_not_delta(images, backwar
 def test_probe_gradient_is_the_gradient_wrt_x_q(images):
   layer = QuantConv(4, (3, 3), quant=W2A2_EWGS)
   v = layer.init(jax.random.key(10), images)
-  assert set(v["perturbations"]) == {"a_q", "w_q"}
-  assert v["perturbations"]["a_q"].shape == images.shape and not np.any(v["perturbations"]["a_q"])
+  assert set(v) == {"params", "quant_state"}    # the probes are not variables: any batch size applies
   p = v["params"]
   target = jax.random.normal(jax.random.key(11), (4, 6, 6, 4))
-
-  def via_probe(perturbations):
-    return jnp.sum((layer.apply({"params": p, "quant_state": v["quant_state"], "perturbations": perturbations},
-                                images) - target) ** 2)
-
-  grads = jax.grad(via_probe)(v["perturbations"])
+  loss_fn = lambda variables, x: jnp.sum((layer.apply(variables, x) - target) ** 2)
+  found = hessian.find_quantizers(loss_fn, v, images)
+  assert found.paths == ["a_q", "w_q"] and [q.shape for q in found.ordered] == [images.shape, (3, 3, 2, 4)]
+  loss, zeros = hessian.probe_loss(loss_fn, v, images, found)
+  grads = dict(zip(found.paths, jax.grad(loss)(zeros)))
   a_q = ej.interval(images, p["q_a_lower"], p["q_a_upper"], bits=2, weight=False)
   w_q = ej.interval(p["kernel"], p["q_w_lower"], p["q_w_upper"], bits=2, weight=True)
   direct = jax.grad(lambda a: jnp.sum((conv(a, w_q) * jnp.abs(p["q_alpha"]) - target) ** 2))(a_q)
@@ -178,19 +180,34 @@ def test_probe_gradient_is_the_gradient_wrt_x_q(images):
       (w_q + 1) / 2)
   np.testing.assert_allclose(grads["w_q"], direct_w, rtol=1e-5, atol=1e-5)
   # zero probes do not change the output
-  np.testing.assert_allclose(layer.apply(v, images), layer.apply({k: v[k] for k in ("params", "quant_state")}, images))
+  np.testing.assert_allclose(loss(zeros), loss_fn(v, images), rtol=1e-6)
+  # each probe reads its delta from the state's own leaf: the refresh knows where to write
+  assert sorted(found.leaf_names.values()) == ["quant_state/delta_a", "quant_state/delta_w"]
+
+
+def test_init_at_one_batch_size_then_apply_differentiate_and_probe_at_another():
+  model = TwoConvs(W2A2_EWGS)
+  small = jax.nn.relu(jax.random.normal(jax.random.key(0), (8, 6, 6, 2)))
+  big = jax.nn.relu(jax.random.normal(jax.random.key(1), (32, 6, 6, 2)))
+  v = model.init(jax.random.key(2), small)
+  loss_fn = lambda variables, x: jnp.mean(model.apply(variables, x) ** 2)
+  assert model.apply(v, big).shape == (32, 3)
+  grads = jax.grad(lambda p: loss_fn({**v, "params": p}, big))(v["params"])
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  found = hessian.find_quantizers(loss_fn, v, big)
+  assert dict(zip(found.paths, (q.shape for q in found.ordered)))["conv_a/a_q"] == big.shape
 
 
 def test_replacement_in_the_layer_follows_the_rate(images):
-  # replacement belongs to the PEGE rule (estimators.RULES["pege"].replacement): a PEGE layer
+  # replacement belongs to the PEGE rule (rules.get("pege").replacement): a PEGE layer
   layer = QuantConv(4, (3, 3), quant=QuantConfig(weight=QuantizerSpec("interval", "pege", 2),
                                                 act=QuantizerSpec("interval", "pege", 2)))
   v = layer.init(jax.random.key(12), images)
   v = {k: v[k] for k in ("params", "quant_state")}
   quantized = layer.apply(v, images)
-  full = layer.apply(v, images, QuantContext(rate=jnp.float32(1.0), key=jax.random.key(0)))
+  full = layer.apply(v, images, pege_context(rate=1.0, key=jax.random.key(0)))
   np.testing.assert_allclose(full, quantized, rtol=1e-6)   # p = 1: exactly the quantized layer
-  mixed = layer.apply(v, images, QuantContext(rate=jnp.float32(0.5), key=jax.random.key(0)))
+  mixed = layer.apply(v, images, pege_context(rate=0.5, key=jax.random.key(0)))
   assert not np.allclose(mixed, quantized)
 
 
@@ -217,14 +234,15 @@ def test_model_zoo_shapes_and_parameter_counts(name, shape, classes, expected):
 
 def test_mobilenet_can_quantize_every_layer():
   everything = QuantConfig(quantize_first_last=True)
-  paths = initialization.quantizable_layers(models.get_model("mobilenet_v2", num_classes=10, quant=everything),
-                                    jnp.zeros((1, 32, 32, 3)))
+  shapes = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  paths = initialization.layer_report(models.get_model("mobilenet_v2", num_classes=10, quant=everything),
+                                      shapes).quantized()
   assert "stem" in paths and "fc" in paths and "block1_0/depthwise" in paths
-  default = initialization.quantizable_layers(models.get_model("mobilenet_v2", num_classes=10, quant=QuantConfig()),
-                                      jnp.zeros((1, 32, 32, 3)))
+  default = initialization.layer_report(models.get_model("mobilenet_v2", num_classes=10, quant=QuantConfig()),
+                                        shapes).quantized()
   assert "stem" not in default and "fc" not in default
-  resnet18 = initialization.quantizable_layers(models.get_model("resnet18", num_classes=10, quant=QuantConfig()),
-                                       jnp.zeros((1, 64, 64, 3)))
+  resnet18 = initialization.layer_report(models.get_model("resnet18", num_classes=10, quant=QuantConfig()),
+                                         jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)).quantized()
   assert "layer2_block0/downsample_conv" in resnet18 and "conv1" not in resnet18
 
 
@@ -237,15 +255,24 @@ def test_unknown_model_lists_choices():
 
 
 MIXED = QuantConfig(weight=QuantizerSpec("interval", "ewgs", 2), act=QuantizerSpec("interval", "ewgs", 2),
-                    rules=(("conv_b", {"backward": "pege"}), ("fc", {"backward": "ste"})))
+                    overrides=(("conv_b", {"rule": "pege"}), ("fc", {"rule": "ste"})))
+
+
+def pege_context(mu=0.0, rate=1.0, key=None):
+  """A training context carrying PEGE's per-step factors (what QAT.context builds)."""
+  return QuantContext(factors={"pege": {"mu": jnp.float32(mu), "rate": jnp.float32(rate)}}, key=key)
 
 
 def test_rules_in_use_are_the_resolved_ones(images):
-  assert initialization.rules_in_use(TwoConvs(MIXED), images) == {"ewgs", "pege", "ste"}
-  assert initialization.rules_in_use(TwoConvs(W2A2_EWGS), images) == {"ewgs"}
-  assert initialization.rules_in_use(TwoConvs(None), images) == frozenset()
-  only_pege = QuantConfig(rules=((".", {"backward": "pege"}),))   # global ste, every layer pege
-  assert initialization.rules_in_use(TwoConvs(only_pege), jax.ShapeDtypeStruct(images.shape, images.dtype)) == {"pege"}
+  rules_of = lambda quant, x=images: set(initialization.layer_report(TwoConvs(quant), x).rules())
+  assert rules_of(MIXED) == {"ewgs", "pege", "ste"}
+  assert rules_of(W2A2_EWGS) == {"ewgs"}
+  assert rules_of(None) == set()
+  only_pege = QuantConfig(overrides=((".", {"rule": "pege"}),))   # global ste, every layer pege
+  assert rules_of(only_pege, jax.ShapeDtypeStruct(images.shape, images.dtype)) == {"pege"}
+  with pytest.warns(DeprecationWarning, match="override key 'backward' is deprecated; use 'rule'"):
+    old = QuantConfig(overrides=((".", {"backward": "pege"}),))
+  assert old == only_pege
 
 
 def test_context_reaches_only_the_layers_whose_rule_reads_it(images):
@@ -254,14 +281,14 @@ def test_context_reaches_only_the_layers_whose_rule_reads_it(images):
   v = initialization.init_variables(model, jax.random.key(3), images)
   captured = lambda ctx: model.apply(v, images, ctx=ctx, capture_intermediates=True)[1]["intermediates"]
   plain = captured(None)
-  replaced = captured(QuantContext(mu=jnp.float32(0.0), rate=jnp.float32(0.3), key=jax.random.key(0)))
+  replaced = captured(pege_context(mu=0.0, rate=0.3, key=jax.random.key(0)))
   # conv_a (ewgs) sees the same input either way and must not replace: same output
   np.testing.assert_array_equal(replaced["conv_a"]["__call__"][0], plain["conv_a"]["__call__"][0])
   # conv_b (pege) replaces part of its quantized values by full-precision ones
   assert not np.allclose(replaced["conv_b"]["__call__"][0], plain["conv_b"]["__call__"][0])
 
   def kernel_grads(mu):
-    ctx = QuantContext(mu=jnp.float32(mu))
+    ctx = pege_context(mu=mu)
     return jax.grad(lambda p: jnp.sum(model.apply({**v, "params": p}, images, ctx=ctx) ** 2))(v["params"])
 
   g0, g5 = kernel_grads(0.0), kernel_grads(5.0)
@@ -282,30 +309,30 @@ def test_a_user_registered_rule_runs_in_the_layers(images):
     f.defvjp(lambda x: (estimators.rounding(x, bits)[0].astype(x.dtype), None), lambda _, g: (g * scale,))
     return f(x)
 
-  rule = estimators.register_rule(estimators.BackwardRule("scaled_ste_test", doubled, factor="scale",
-                                                          source="constant", value=2.0), replace=True)
+  rule = rules.register(rules.Rule("scaled_ste_test", doubled, factor="scale", source="constant", value=2.0),
+                        replace=True)
   try:
-    model = TwoConvs(QuantConfig(rules=(("fc", {"backward": "scaled_ste_test"}),)))
-    assert initialization.rules_in_use(model, images) == {"ste", "scaled_ste_test"}
+    model = TwoConvs(QuantConfig(overrides=(("fc", {"rule": "scaled_ste_test"}),)))
+    assert set(initialization.layer_report(model, images).rules()) == {"ste", "scaled_ste_test"}
     v = initialization.init_variables(model, jax.random.key(3), images)
     grads = jax.grad(lambda p: jnp.sum(model.apply({**v, "params": p}, images)))(v["params"])
     ste_model = TwoConvs(QuantConfig())
     ste_grads = jax.grad(lambda p: jnp.sum(ste_model.apply({**v, "params": p}, images)))(v["params"])
     np.testing.assert_allclose(grads["fc"]["kernel"], 2.0 * ste_grads["fc"]["kernel"], rtol=1e-5, atol=1e-6)
   finally:
-    estimators.RULES.pop(rule.name)
+    rules.unregister(rule.name)
 
 
 @pytest.mark.parametrize("target", ["weights", "activations"])
 def test_mu_reaches_only_the_quantizers_it_is_configured_for(images, target):
   """pege.mu_on: the mu term of PEGE Eq. 5 on weights only or activations only (the other side: STE)."""
   spec = QuantizerSpec("interval", "pege", 2)
-  layer = QuantConv(4, (3, 3), quant=QuantConfig(weight=spec, act=spec, context_factor_on=target))
+  layer = QuantConv(4, (3, 3), quant=QuantConfig(weight=spec, act=spec, settings={"pege": {"mu_on": target}}))
   both = QuantConv(4, (3, 3), quant=QuantConfig(weight=spec, act=spec))
   v = both.init(jax.random.key(0), images)
 
   def grads(module, mu):
-    f = lambda p, x: jnp.sum(module.apply({**v, "params": p}, x, ctx=QuantContext(mu=jnp.float32(mu))) ** 2)
+    f = lambda p, x: jnp.sum(module.apply({**v, "params": p}, x, ctx=pege_context(mu=mu)) ** 2)
     return jax.grad(f, argnums=(0, 1))(v["params"], images)
 
   (p0, x0), (p_one, x_one), (p_both, x_both) = grads(layer, 0.0), grads(layer, 3.0), grads(both, 3.0)
@@ -317,8 +344,8 @@ def test_mu_reaches_only_the_quantizers_it_is_configured_for(images, target):
     np.testing.assert_array_equal(p_one["kernel"], p0["kernel"])
     np.testing.assert_allclose(x_one, x_both, rtol=1e-5)
     assert not np.allclose(x_one, x0)
-  with pytest.raises(ValueError, match="unknown context_factor_on 'bias'"):
-    QuantConfig(context_factor_on="bias")
+  with pytest.raises(ValueError, match=r"config\.pege\.mu_on='bias' is invalid; valid choices"):
+    QuantConfig(settings={"pege": {"mu_on": "bias"}})
 
 
 # --- drop-in for nn.Conv / nn.Dense, and initialisation from a placeholder batch ----------------
@@ -384,3 +411,64 @@ def test_initialising_from_a_placeholder_batch_fails_loudly(placeholder):
     QuantDense(3, quant=W2A2_EWGS, kernel_init=nn.initializers.zeros).init(
         jax.random.key(0), jax.random.normal(jax.random.key(1), (4, 5)))
   TwoConvs(None).init(jax.random.key(0), placeholder((2, 6, 6, 2)))     # nothing data-driven: fine
+  with pytest.raises(Exception, match=r"'conv_a'.*activation quantizer.*representative batch"):   # under jit too
+    jax.block_until_ready(jax.jit(model.init)(jax.random.key(0), placeholder((2, 6, 6, 2))))
+
+
+def test_bias_is_scaled_by_alpha_and_enters_its_initialisation_as_the_official_code():
+  """The official QConv computes (conv(Q(x), Q(W)) + b) * |alpha| with alpha = mean|conv(x, W) + b| /
+  mean|conv(Q(x), Q(W)) + b| (its F.conv2d takes the bias)."""
+  x = jax.nn.relu(jax.random.normal(jax.random.key(0), (4, 6, 6, 3)))
+  layer = QuantConv(5, (3, 3), use_bias=True, bias_init=nn.initializers.constant(0.7), quant=W2A2_EWGS)
+  v = layer.init(jax.random.key(1), x)
+  p = v["params"]
+  x_q = ej.interval(x, p["q_a_lower"], p["q_a_upper"], bits=2, weight=False)
+  w_q = ej.interval(p["kernel"], p["q_w_lower"], p["q_w_upper"], bits=2, weight=True)
+  quantized = conv(x_q, w_q) + p["bias"]
+  alpha = jnp.mean(jnp.abs(conv(x, p["kernel"]) + p["bias"])) / jnp.mean(jnp.abs(quantized))
+  np.testing.assert_allclose(p["q_alpha"], alpha, rtol=1e-5)
+  np.testing.assert_allclose(layer.apply(v, x), quantized * jnp.abs(p["q_alpha"]), rtol=1e-5, atol=1e-6)
+
+
+def test_training_without_the_quant_state_collection_is_an_error_not_ste(images):
+  model = TwoConvs(W2A2_EWGS)
+  v = initialization.init_variables(model, jax.random.key(0), images)
+  with pytest.raises(ValueError, match=r"'conv_a': its rule reads its factor from the 'quant_state' collection"):
+    model.apply({"params": v["params"]}, images, ctx=QuantContext(factors={}))
+  model.apply({"params": v["params"]}, images)   # evaluation without it is fine (delta is unused)
+
+
+def test_a_training_context_without_a_rules_factor_is_an_error(images):
+  model = TwoConvs(QuantConfig(weight=QuantizerSpec("interval", "pege", 2), act=QuantizerSpec("interval", "pege", 2)))
+  v = initialization.init_variables(model, jax.random.key(0), images)
+  with pytest.raises(KeyError, match="the per-step QuantContext has no factor pege/mu"):
+    model.apply(v, images, ctx=QuantContext(factors={"other": {"mu": 1.0}}))
+
+
+@pytest.mark.parametrize("kwargs,shape", [(dict(features=4), (2, 3, 6)), (dict(features=(4, 5), axis=(1, -1)), (2, 3, 6, 7)),
+                                          (dict(features=(4,), axis=-1, batch_dims=(0,)), (2, 3, 6))])
+def test_quant_dense_general_is_nn_dense_general_and_quantizes(kwargs, shape):
+  x = jax.random.normal(jax.random.key(0), shape)
+  reference = nn.DenseGeneral(**kwargs)
+  v = reference.init(jax.random.key(1), x)
+  ours = layers.QuantDenseGeneral(**kwargs)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, v)
+  np.testing.assert_array_equal(ours.init(jax.random.key(1), x)["params"]["kernel"], v["params"]["kernel"])
+  np.testing.assert_allclose(ours.apply(v, x), reference.apply(v, x), rtol=1e-6, atol=1e-6)
+  quantized = layers.QuantDenseGeneral(**kwargs, quant=W2A2_EWGS)
+  qv = quantized.init(jax.random.key(1), x)
+  assert {"q_w_lower", "q_a_upper", "q_alpha"} <= set(qv["params"])
+  grads = jax.grad(lambda p: jnp.sum(quantized.apply({**qv, "params": p}, x) ** 2))(qv["params"])
+  assert float(jnp.abs(grads["q_a_upper"])) > 0
+
+
+def test_quant_einsum_is_nn_einsum_and_quantizes():
+  x = jax.random.normal(jax.random.key(0), (2, 4, 3, 7))
+  reference = nn.Einsum((7, 3, 5), "abcd,dce->abe")
+  v = reference.init(jax.random.key(1), x)
+  ours = layers.QuantEinsum((7, 3, 5), "abcd,dce->abe")
+  np.testing.assert_allclose(ours.apply(v, x), reference.apply(v, x), rtol=1e-6, atol=1e-6)
+  quantized = layers.QuantEinsum((7, 3, 5), "abcd,dce->abe", quant=W2A2_EWGS)
+  qv = quantized.init(jax.random.key(1), x)
+  y = quantized.apply(qv, x)
+  assert y.shape == (2, 4, 5) and not np.allclose(y, reference.apply(v, x))

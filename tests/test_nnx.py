@@ -40,7 +40,7 @@ def test_nnx_model_with_quantized_layers_matches_linen():
   fresh = QuantConv(6, (3, 3), quant=PEGE).init(jax.random.key(5), x)["params"]
   np.testing.assert_allclose(conv_vars["params"]["q_a_upper"], fresh["q_a_upper"], rtol=1e-6)   # from the batch
 
-  ctx = QuantContext(mu=jnp.float32(0.05), rate=jnp.float32(0.5), key=jax.random.key(7))
+  ctx = QuantContext(factors={"pege": {"mu": jnp.float32(0.05), "rate": jnp.float32(0.5)}}, key=jax.random.key(7))
 
   def linen_loss(params):
     h = jax.nn.relu(QuantConv(6, (3, 3), quant=PEGE).apply({**conv_vars, "params": params[0]}, x, ctx))
@@ -58,3 +58,32 @@ def test_nnx_model_with_quantized_layers_matches_linen():
   before = float(model.conv.q_a_upper.value)
   nnx.update(model, jax.tree.map(lambda p, g: p - 0.1 * g, nnx.state(model, nnx.Param), grads))
   assert float(model.conv.q_a_upper.value) != before
+
+
+EWGS = QuantConfig(weight=QuantizerSpec("interval", "ewgs", 2), act=QuantizerSpec("interval", "ewgs", 2),
+                   settings={"ewgs": {"every_epochs": 1, "num_batches": 1, "max_samples": 4}})
+
+
+def test_nnx_model_initialised_at_batch_8_trains_and_refreshes_delta_at_batch_32():
+  """The QAT API on an NNX model: any batch size, and the delta refresh writes into the model in place."""
+  import optax
+  import ewgs_jax as ej
+  small = jax.nn.relu(jax.random.normal(jax.random.key(0), (8, 8, 8, 2)))
+  big = {"pixels": jax.nn.relu(jax.random.normal(jax.random.key(1), (32, 8, 8, 2))),
+         "targets": jax.random.randint(jax.random.key(2), (32,), 0, 3)}
+  model = Net(EWGS, rngs=nnx.Rngs(0))
+  nnx.bridge.lazy_init(model, small)
+
+  def loss(m, batch, ctx=None):
+    return optax.softmax_cross_entropy_with_integer_labels(m(batch["pixels"], ctx), batch["targets"]).mean()
+
+  qat = ej.QAT(EWGS, total_steps=4, steps_per_epoch=2)
+  grads = nnx.grad(lambda m: loss(m, big, qat.context(0)))(model)        # a gradient at batch 32
+  assert float(jnp.abs(dict(grads["conv"].flat_state())[("q_a_upper",)].value)) > 0
+  assert float(model.conv.delta_w.value) == 0.0
+  same, metrics = qat.run_due(2, model, loss, [big])                      # the refresh at batch 32
+  assert same is model and metrics["ewgs/delta_refresh"] == 1.0
+  deltas = [float(layer.delta_w.value) for layer in (model.conv, model.fc)] + \
+           [float(layer.delta_a.value) for layer in (model.conv, model.fc)]
+  assert all(d >= 0 for d in deltas) and any(d > 0 for d in deltas)
+  assert np.isfinite(float(loss(model, big)))

@@ -172,3 +172,11 @@ def test_two_processes_match_one_process():
     np.testing.assert_allclose(result["sum"], x.sum(0), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(result["mean"], y.mean(), rtol=1e-5, atol=1e-6)
   assert results[0] == results[1]
+
+
+def test_a_bad_heartbeat_timeout_is_refused_before_initialising():
+  import pytest
+  from ewgs_jax import parallel
+  with pytest.raises(ValueError, match=r"config\.distributed\.heartbeat_timeout_seconds=0 is invalid; it must be a "
+                                       r"positive integer \(seconds\)"):
+    parallel.maybe_initialize_distributed({"enabled": True, "heartbeat_timeout_seconds": 0})

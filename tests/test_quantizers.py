@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import ewgs_jax as ej
-from ewgs_jax import estimators, quantizers, testing
+from ewgs_jax import estimators, quantizers, rules, testing
 from ewgs_jax.quantizers import lsq_range
 
 
@@ -136,12 +136,12 @@ def test_any_forward_method_takes_any_backward_rule(method):
 
 
 @pytest.mark.parametrize("method", sorted(quantizers.METHODS))
-@pytest.mark.parametrize("rule", sorted(estimators.RULES))
+@pytest.mark.parametrize("rule", sorted(rules.RULES))
 def test_every_registered_method_and_rule_through_the_kit(method, rule):
   """Each registered forward method on each registered rule: the gradient is the same eagerly, under jit
   and under vmap; the two second-order modes agree; a step compiles once while the factor changes."""
   forward = quantizers.get_method(method)
-  backward = estimators.get_rule(rule)
+  backward = rules.get(rule)
   x = jax.random.normal(jax.random.key(6), (4, 8)) * 0.7
   params = {suffix: init(x, 2, True) for suffix, init in forward.params.items()}
 

@@ -3,7 +3,7 @@ shared by the end-to-end tests."""
 
 import pathlib
 
-from ewgs_jax.config import load_config  # noqa: F401 (the shipped configs load from the package)
+from ewgs_jax.configs import load_config  # noqa: F401 (the shipped configs load from the package)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -22,9 +22,9 @@ def small_config(overrides=None, variant="w2a2_pege"):
   c.log_every_steps = 1
   c.progress_bar = False
   c.data_workers = 1
-  c.delta.batch_size = 64
-  c.delta.num_batches = 1
-  c.delta.max_samples = 3
+  c.ewgs.batch_size = 64
+  c.ewgs.num_batches = 1
+  c.ewgs.max_samples = 3
   c.model_kwargs.stage_widths = (8,)   # one narrow stage: a fast compile
   for key, value in (overrides or {}).items():
     node = c

@@ -27,14 +27,13 @@ def get_config(variant: str | None = None):
   c.optimizer = "adam"
   c.learning_rate = 1e-3
   c.weight_decay = 1e-4
-  c.delta.every_epochs = 2
+  c.ewgs.every_epochs = 2
   c.log_every_steps = 50
   variant = variant or "w2a2_pege"
   if variant == "fp":
     c.quant.enabled = False
-    c.delta.mode = "off"
     c.num_epochs = 12
     return c
-  if apply_bits_variant(c, variant, "_fixed") and c.quant.backward == "ewgs":
-    c.delta.mode = "fixed"
+  if apply_bits_variant(c, variant, "_fixed") and c.quant.rule == "ewgs":
+    c.ewgs.mode = "fixed"
   return c

@@ -22,14 +22,13 @@ def get_config(variant: str | None = None):
   c.momentum = 0.9
   c.nesterov = False
   c.weight_decay = 1e-4
-  c.delta.every_epochs = 1
+  c.ewgs.every_epochs = 1
   c.log_every_steps = 100
   variant = variant or "w2a2_ewgs"
   if variant == "fp":
     c.quant.enabled = False
     c.learning_rate = 0.1
     c.num_epochs = 90
-    c.delta.mode = "off"
     return c
   if apply_bits_variant(c, variant, "_pact"):
     c.quant.weight_method = c.quant.act_method = "pact"

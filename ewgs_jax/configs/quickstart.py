@@ -1,11 +1,12 @@
 """Offline quickstart: a small CIFAR-style ResNet on scikit-learn's bundled 8x8 digits.
 
 Runs on a laptop CPU in minutes with no download. Variants: ``fp`` (full precision) and
-``w2a2_ste``, ``w2a2_ewgs`` (delta from the Hessian every 2 epochs), ``w2a2_pege``; ``make train``
-runs all four, warm starting the quantized ones from the full-precision run.
+``w2a2_ste``, ``w2a2_ewgs`` (delta from the Hessian every 2 epochs), ``w2a2_pege``, or any
+``w<bits>a<bits>_<rule>``; ``make train`` runs the first four, warm starting the quantized ones from
+the full-precision run.
 """
 
-from ewgs_jax.config import default_config
+from ewgs_jax.config import apply_bits_variant, default_config
 
 
 def get_config(variant: str | None = None):
@@ -22,18 +23,14 @@ def get_config(variant: str | None = None):
   c.weight_decay = 1e-4
   c.quant_learning_rate = 1e-4
   c.keep_checkpoints = 1
-  c.delta.every_epochs = 2
-  c.delta.batch_size = 128
-  c.delta.max_samples = 20
+  c.ewgs.every_epochs = 2
+  c.ewgs.batch_size = 128
+  c.ewgs.max_samples = 20
   variant = variant or "w2a2_ewgs"
   if variant == "fp":
     c.quant.enabled = False
-    c.delta.mode = "off"
     c.num_epochs = 15
     return c
-  backward = {"w2a2_ste": "ste", "w2a2_ewgs": "ewgs", "w2a2_pege": "pege"}.get(variant)
-  if backward is None:
-    raise ValueError(f"unknown variant {variant!r}; valid: fp, w2a2_ste, w2a2_ewgs, w2a2_pege")
-  c.quant.backward = backward
-  c.delta.mode = "hessian"   # runs only where a layer's rule is EWGS (config.apply_bits_variant)
+  if apply_bits_variant(c, variant, "_fixed") and c.quant.rule == "ewgs":
+    c.ewgs.mode = "fixed"
   return c

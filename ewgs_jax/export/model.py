@@ -242,7 +242,10 @@ def _prepare(layer: _Layer, quantities: Mapping[str, Any]) -> tuple[dict[str, np
       meta["accumulator_bound"] = bound
   else:
     meta["act"] = None
-  bias = np.asarray(params["bias"], np.float64) if "bias" in params else np.zeros((), np.float64)
+  # the layer's output is |alpha| (op + bias) (EWGS Sec. 3.1, the bias scaled with the product as in the
+  # official code): the bias takes alpha too
+  alpha = abs(float(params[names.OUTPUT_SCALE])) if names.OUTPUT_SCALE in params else 1.0
+  bias = alpha * np.asarray(params["bias"], np.float64) if "bias" in params else np.zeros((), np.float64)
   arrays["scale"], arrays["bias"] = np.asarray(scale, np.float32), np.asarray(bias, np.float32)
   if layer.bn is not None:   # BatchNorm folded into the requantization: y = mul (scale acc + bias) + shift
     arrays["folded_scale"] = np.asarray(scale * layer.bn["mul"], np.float32)
