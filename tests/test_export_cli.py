@@ -126,3 +126,9 @@ def test_a_missing_flatbuffers_names_the_extra(qat_run, tmp_path, capsys, monkey
   monkeypatch.setitem(sys.modules, "flatbuffers", None)   # as if not installed
   code, _, err = run_cli(capsys, qat_run, str(tmp_path / "out.npz"), "--platforms", "cpu")
   assert code == export_cli.EXIT_ERROR and "pip install 'ewgs_jax[export]'" in err
+
+
+def test_a_failed_check_exits_3_after_the_json_line(qat_run, tmp_path, capsys):
+  code, out, err = run_cli(capsys, qat_run, str(tmp_path / "m.npz"), "--platforms", "cpu", "--max-rel-error", "0")
+  assert code == export_cli.EXIT_CHECK_FAILED and "max_rel_logit_error" in err
+  assert json.loads(out.strip().splitlines()[-1])["agreement"] == 1.0

@@ -18,8 +18,8 @@ file's arrays (packed codes, scales, full-precision layers) and its serialized f
 
 Exit status: 0 exported and checked; 1 an unfit workdir (missing, unfinished, full precision,
 unreadable checkpoint) or a model that has no integer form, with one ``error:`` line; 2 a bad
-command line; 3 the check failed (agreement below ``--min-agreement`` or a relative error above
-``--max-rel-error``; the JSON line is still printed).
+command line; 3 the check failed (agreement below ``--min-agreement``, or a relative error above
+``--max-rel-error`` when given; the JSON line is still printed).
 """
 
 from __future__ import annotations
@@ -54,8 +54,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                       help="backends to export the forward for, comma-separated (default: %(default)s)")
   parser.add_argument("--min-agreement", type=float, default=0.99,
                       help="fail (exit 3) below this fraction of equal predictions (default: %(default)s)")
-  parser.add_argument("--max-rel-error", type=float, default=1e-2,
-                      help="fail (exit 3) above this relative logit error (default: %(default)s)")
+  parser.add_argument("--max-rel-error", type=float, default=None,
+                      help="also fail (exit 3) above this relative logit error (default: not checked: a code "
+                           "that flips at a rounding threshold moves the logits of a deep model visibly)")
   return parser.parse_args(argv)
 
 
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
   failed = []
   if result["agreement"] < args.min_agreement:
     failed.append(f"agreement {result['agreement']:.4f} < {args.min_agreement}")
-  if result["max_rel_logit_error"] > args.max_rel_error:
+  if args.max_rel_error is not None and result["max_rel_logit_error"] > args.max_rel_error:
     failed.append(f"max_rel_logit_error {result['max_rel_logit_error']:.3g} > {args.max_rel_error}")
   if failed:
     sys.stderr.write(f"error: the integer model does not match the fake-quantized one: {'; '.join(failed)}\n")
