@@ -186,7 +186,7 @@ def random_variables(model, shape, seed=0):
 
 def cyclic_bits(model, shape, bits=BITS) -> tuple:
   """Per-layer rules giving the model's quantized layers the bit widths ``bits`` in turn."""
-  paths = initialization.layer_report(model, jax.ShapeDtypeStruct((1, *shape), jnp.float32), train=False).paths
+  paths = sorted(initialization.layer_report(model, jax.ShapeDtypeStruct((1, *shape), jnp.float32), train=False).paths)
   return tuple((f"^{p}$", {"bits": bits[i % len(bits)]}) for i, p in enumerate(paths))
 
 
