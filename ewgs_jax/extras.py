@@ -10,9 +10,10 @@ extra         what needs it
               image transforms (``pillow``)
 ``demo``      the bundled offline digits of the quickstart (``scikit-learn``)
 ``plots``     ``curves.png``, ``deltas.png`` and the figures of ``ewgs_jax.compare`` (``matplotlib``)
+``export``    saving and loading integer models (``flatbuffers``, which ``jax.export`` serialization needs)
 ============  =======================================================================
 
-``pip install 'ewgs_jax[data,demo,plots]'`` (or ``ewgs_jax[all]``) installs all three. Imports no
+``pip install 'ewgs_jax[data,demo,plots,export]'`` (or ``ewgs_jax[all]``) installs all four. Imports no
 project module, so any layer may use it.
 """
 
@@ -27,6 +28,7 @@ OPTIONAL = {
     "PIL": ("pillow", "data"),
     "sklearn": ("scikit-learn", "demo"),
     "matplotlib": ("matplotlib", "plots"),
+    "flatbuffers": ("flatbuffers", "export"),
 }
 
 

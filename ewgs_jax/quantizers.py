@@ -28,6 +28,7 @@ import dataclasses
 import math
 from typing import Callable, Mapping
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -200,8 +201,9 @@ def lsq(
   """
   q_neg, q_pos = lsq_range(bits, signed)
   if grad_scale is None:
-    per_step = x.size / max(jnp.size(step), 1)
-    grad_scale = 1.0 / math.sqrt(per_step * max(q_pos, 1))
+    # N may be symbolic (a batch size left open by jax.export), so the scale is computed as an array
+    per_step = x.size // max(jnp.size(step), 1)
+    grad_scale = 1.0 / jnp.sqrt(jnp.asarray(per_step * max(q_pos, 1), jnp.float32))
   s = scale_gradient(step, grad_scale)
   v = clip(x / s, -float(q_neg), float(q_pos))
   x_q = _discretize((v + q_neg) / (q_neg + q_pos), bits, discretizer, hook)
@@ -319,6 +321,28 @@ def method_names() -> list[str]:
     The names.
   """
   return [*METHODS, NONE]
+
+
+def per_channel(init: Initializer, axis: int = -1) -> Initializer:
+  """A per-tensor data-driven initialiser applied to each channel of ``axis`` separately.
+
+  EWGS Sec. 4.1 initialises the weight bounds from the whole kernel (``-+3 sigma(w)``); per output
+  channel (the kernel's last axis, HWIO or ``(in, out)``) it is the same statistic over each
+  channel's weights: ``l_c = -3 sigma(w_c)``, ``u_c = 3 sigma(w_c)``. The result has one value per
+  channel, which every method here broadcasts against the kernel (their parameters may be arrays),
+  and whose gradient comes back per channel.
+
+  Args:
+    init: ``init(x, bits, weight) -> scalar``, e.g. ``get_method("interval").params["upper"]``.
+    axis: the channel axis of ``x``.
+
+  Returns:
+    ``init_c(x, bits, weight) -> (x.shape[axis],)``.
+  """
+  def init_per_channel(x, bits, weight):
+    return jax.vmap(lambda channel: init(channel, bits, weight), in_axes=axis)(x)
+
+  return init_per_channel
 
 
 def _lsq_init(x, bits, weight):
