@@ -73,6 +73,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.quant.act_method = "interval"      # forward method of the activation quantizers
   c.quant.weight_bits = 2       # bit width of the weight quantizers
   c.quant.act_bits = 2          # bit width of the activation quantizers
+  c.quant.weight_per_channel = False   # weight ranges (and alpha) per output channel, not per tensor (the papers')
   c.quant.rule = "ewgs"         # backward rule of every quantizer: ste | ewgs | pege | any registered rule
   c.quant.quantize_first_last = False   # quantize the first and last layers too (full precision otherwise)
   c.quant.overrides = ()        # ((regex on the layer path, {"bits": 4, "rule": "ste", ...}), ...) per-layer settings
@@ -293,6 +294,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     bits = q[name]
     if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
       raise ValueError(f"config.quant.{name}={bits!r} is invalid; valid choices: integers {MIN_BITS}..{MAX_BITS}")
+  if not isinstance(q.weight_per_channel, bool):
+    raise ValueError(f"config.quant.weight_per_channel={q.weight_per_channel!r} is invalid; "
+                     "valid choices: [False, True]")
+  if q.weight_per_channel and q.weight_method != quantizers.NONE and not quantizers.get_method(q.weight_method).params:
+    raise ValueError(f"config.quant.weight_per_channel=True needs a weight method with learned parameters "
+                     f"({', '.join(n for n, m in quantizers.METHODS.items() if m.params)}); "
+                     f"quant.weight_method={q.weight_method!r} has none: set quant.weight_per_channel=False")
   for rule in rules.RULES.values():
     if rule.settings:
       rule.check(_rule_settings(config, rule))
@@ -340,7 +348,7 @@ def quant_config(config: ml_collections.ConfigDict) -> QuantConfig | None:
   if not q.enabled:
     return None
   return QuantConfig(
-      weight=QuantizerSpec(method=q.weight_method, rule=q.rule, bits=q.weight_bits),
+      weight=QuantizerSpec(method=q.weight_method, rule=q.rule, bits=q.weight_bits, per_channel=q.weight_per_channel),
       act=QuantizerSpec(method=q.act_method, rule=q.rule, bits=q.act_bits),
       quantize_first_last=q.quantize_first_last,
       overrides=tuple((pattern, dict(values)) for pattern, values in q.overrides),

@@ -10,7 +10,8 @@ State, as ``ARCHITECTURE.md`` ("State in a model") fixes it, under the names of 
 
 * learned quantizer parameters live in ``params`` as ``q_<w|a>_<suffix>`` (the method's parameter
   suffixes: ``q_w_lower``, ``q_a_clip``, ``q_w_step``, ...) and ``q_alpha`` for methods with an
-  output scale; their initialisers are the method's data-driven ones, reading the layer's actual
+  output scale; scalars, or one per output channel for per-channel weights
+  (:attr:`~ewgs_jax.quantconfig.QuantizerSpec.per_channel`, alpha too); their initialisers are the method's data-driven ones, reading the layer's actual
   input, so ``model.init`` on a real batch initialises them (EWGS Sec. 4.1); layers run in order,
   so each sees the already-quantized outputs of the layers before it. A constant or non-finite
   input or kernel (a placeholder batch such as ``jnp.zeros``) raises ``ValueError`` at ``model.init``
@@ -137,15 +138,23 @@ class _Quantized(nn.Module):
     return hook
 
   def _quantize(self, x: Array, spec: QuantizerSpec, kind: str, ctx: QuantContext | None) -> Array:
-    """Quantizes ``x`` (kind ``"w"`` or ``"a"``) with its method's data-driven initialisation."""
+    """Quantizes ``x`` (kind ``"w"`` or ``"a"``) with its method's data-driven initialisation.
+
+    A per-channel weight quantizer (``spec.per_channel``) has each learned parameter per output channel
+    (the kernel's last axis), initialised from that channel's weights alone
+    (:func:`ewgs_jax.quantizers.per_channel`); every method broadcasts such parameters against the kernel.
+    """
     if not spec.active:
       return x
     weight = kind == "w"
+    if spec.per_channel and not weight:
+      raise ValueError(f"{type(self).__name__} {'/'.join(self._path())!r}: per-channel ranges are for weight "
+                       "quantizers only; the activation quantizer is per tensor")
     method = quantizers.get_method(spec.method)
 
     def data_driven(_, init):
       self._check_representative(x, spec, kind)
-      return init(x, spec.bits, weight)
+      return (quantizers.per_channel(init) if spec.per_channel else init)(x, spec.bits, weight)
 
     params = {suffix: self.param(names.quantizer_param(kind, suffix), data_driven, init)
               for suffix, init in method.params.items()}
@@ -165,42 +174,69 @@ class _Quantized(nn.Module):
     if x.size == 0:
       return
     where = f"{type(self).__name__} {'/'.join(self._path())!r}"
+    # a per-channel quantizer initialises each output channel alone: none may be constant
+    check = functools.partial(_raise_if_degenerate, where, spec.method, kind, per_channel=spec.per_channel)
     if isinstance(x, jax.core.Tracer):
-      x32 = x.astype(jnp.float32)
-      jax.debug.callback(functools.partial(_raise_if_degenerate, where, spec.method, kind),
-                         jnp.all(jnp.isfinite(x32)), jnp.max(x32), jnp.min(x32), x32.reshape(-1)[0])
+      jax.debug.callback(check, *_degeneracy(jnp, x.astype(jnp.float32), spec.per_channel))
       return
-    values = np.asarray(x, np.float32)   # concrete here (the layer may still run inside a trace)
-    finite = bool(np.all(np.isfinite(values)))
-    _raise_if_degenerate(where, spec.method, kind, finite, values.max() if finite else 0.0,
-                         values.min() if finite else 0.0, values.reshape(-1)[0], size=x.size)
+    check(*_degeneracy(np, np.asarray(x, np.float32), spec.per_channel))   # concrete here (maybe inside a trace)
 
   def _quantized_op(self, x, kernel, op: Callable[[Array, Array], Array], ctx,
-                    add_bias: Callable[[Array], Array] | None = None) -> Array:
+                    add_bias: Callable[[Array], Array] | None = None, channels_last: bool | str = True) -> Array:
     """``|alpha| * (op(Q_A(x), Q_W(kernel)) + bias)`` (EWGS Sec. 3.1); alpha only for methods with an
     output scale. The bias is scaled with the product and enters alpha's data-driven initialisation,
-    as in the official code (``F.conv2d(Qact, Qweight, self.bias) * |output_scale|``)."""
+    as in the official code (``F.conv2d(Qact, Qweight, self.bias) * |output_scale|``):
+    ``alpha = E|o + b| / E|o_q + b|``.
+
+    With per-channel weights alpha is per output channel too, the same formula over each channel's
+    outputs (our extension; the papers' ranges are per tensor): per-channel interval weights map every
+    channel to [-1, 1], so one alpha could not restore the channels' different scales and a warm start
+    would no longer reproduce the full-precision network. ``channels_last`` says whether the kernel's
+    last axis is the output's last axis (a message saying why not, otherwise), as per channel needs.
+    """
     add_bias = add_bias or (lambda y: y)
     setting = self._setting()
     if setting is None:
       return add_bias(op(x, kernel))
+    per_channel = setting.weight.active and setting.weight.per_channel
+    if per_channel and channels_last is not True:
+      raise ValueError(f"{type(self).__name__} {'/'.join(self._path())!r}: per-channel weight ranges need the "
+                       f"kernel's last axis to be the output's last axis ({channels_last}); use per-tensor "
+                       "ranges for this layer (override weight_per_channel=False)")
     x_q = self._quantize(x, setting.act, "a", ctx)
     w_q = self._quantize(kernel, setting.weight, "w", ctx)
     y = add_bias(op(x_q, w_q))
     if any(s.active and quantizers.get_method(s.method).output_scale for s in (setting.weight, setting.act)):
       def alpha_init(_):
-        ratio = jnp.mean(jnp.abs(add_bias(op(x, kernel)))) / jnp.mean(jnp.abs(y))
+        axes = tuple(range(y.ndim - 1)) if per_channel else None   # every axis but the output channels'
+        ratio = jnp.mean(jnp.abs(add_bias(op(x, kernel))), axis=axes) / jnp.mean(jnp.abs(y), axis=axes)
         return jnp.where(jnp.isfinite(ratio) & (ratio > 0), ratio, 1.0).astype(jnp.float32)
       y = y * jnp.abs(self.param(names.OUTPUT_SCALE, alpha_init)).astype(y.dtype)
     return y
 
 
-def _raise_if_degenerate(where: str, method: str, kind: str, finite, high, low, first, size: int = 2) -> None:
-  """Raises ``ValueError`` when a quantizer would be initialised from non-finite or constant values."""
+def _degeneracy(xnp, x, per_channel: bool) -> tuple:
+  """``(finite, spread, first, channel)`` of ``x`` for :func:`_raise_if_degenerate` (``xnp``: numpy or
+  jax.numpy): the smallest ``max - min`` over the channels (the last axis; the whole tensor when not
+  ``per_channel``), that channel and its first value; a channel of one value has spread 0."""
+  x = x.reshape(-1, x.shape[-1] if per_channel else 1)
+  finite = xnp.all(xnp.isfinite(x))
+  x = xnp.where(xnp.isfinite(x), x, 0.0)
+  spread = (x.max(axis=0) - x.min(axis=0)) * (x.shape[0] > 1)
+  channel = xnp.argmin(spread)
+  return finite, spread[channel], x[0, channel], channel
+
+
+def _raise_if_degenerate(where: str, method: str, kind: str, finite, spread, first, channel,
+                         per_channel: bool = False) -> None:
+  """Raises ``ValueError`` when a quantizer would be initialised from non-finite or constant values
+  (per channel: a constant output channel)."""
   finite = bool(finite)
-  constant = finite and (size < 2 or float(high) == float(low))
+  constant = finite and float(spread) == 0.0
   if finite and not constant:
     return
+  if per_channel and constant:
+    where += f" (per-channel weight ranges; output channel {int(channel)})"
   what = "kernel" if kind == "w" else "input"
   found = "non-finite values" if not finite else f"the constant {float(first):g}"
   raise ValueError(
@@ -461,4 +497,6 @@ class QuantEinsum(_Quantized):
       bias_shape, broadcast = nn.Einsum._get_bias_shape(self, einsum_str, x, kernel)   # nn.Einsum's own rule
       bias = self.param("bias", self.bias_init, bias_shape, self.param_dtype).astype(dtype)
       add_bias = lambda y: y + jnp.reshape(bias, broadcast)
-    return self._quantized_op(x, kernel, op, ctx, add_bias)
+    rhs, out = einsum_str.split(",")[1].split("->")
+    channels_last = rhs[-1:].isalpha() and rhs[-1] == out[-1:] or f"einsum {einsum_str!r}"
+    return self._quantized_op(x, kernel, op, ctx, add_bias, channels_last)

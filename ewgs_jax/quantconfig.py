@@ -19,28 +19,40 @@ from typing import Any, Mapping
 from ewgs_jax import estimators, quantizers, rules
 
 OVERRIDE_KEYS = ("enabled", "bits", "weight_bits", "act_bits", "method", "weight_method", "act_method", "rule",
-                 "weight_rule", "act_rule")
+                 "weight_rule", "act_rule", "weight_per_channel")
 _RENAMED_OVERRIDE_KEYS = {"backward": "rule"}   # renamed in 0.2.0; the old name works for one release
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantizerSpec:
-  """One quantizer's setting: forward method, backward rule, bit width.
+  """One quantizer's setting: forward method, backward rule, bit width, per-tensor or per-channel ranges.
 
   Attributes:
     method: a forward method (:data:`ewgs_jax.quantizers.METHODS`) or ``"none"`` (full precision).
     rule: a backward rule (:data:`ewgs_jax.rules.RULES`).
     bits: the bit width, 1..16.
+    per_channel: weights only: one set of learned parameters per output channel (the kernel's last
+      axis), each initialised from its channel's weights (EWGS Sec. 4.1's statistics per channel), and
+      the layer's output scale alpha per output channel too. Both papers use per-tensor ranges (the
+      default); this is our extension. Needs a method with learned parameters (not DoReFa).
   """
   method: str = "interval"
   rule: str = "ste"
   bits: int = 2
+  per_channel: bool = False
 
   def __post_init__(self):
     if self.method != quantizers.NONE:
       quantizers.get_method(self.method)
     rules.get(self.rule)
     estimators.check_bits(self.bits)
+    if not isinstance(self.per_channel, bool):
+      raise ValueError(f"per_channel={self.per_channel!r} is invalid; valid choices: [False, True]")
+    if self.per_channel and self.active and not quantizers.get_method(self.method).params:
+      with_params = [name for name, m in quantizers.METHODS.items() if m.params]
+      raise ValueError(f"per-channel ranges need a forward method with learned parameters ({', '.join(with_params)}); "
+                       f"{self.method!r} has none: use per-tensor ranges (an override: weight_per_channel=False) "
+                       "or another method")
 
   @property
   def active(self) -> bool:
@@ -48,8 +60,10 @@ class QuantizerSpec:
     return self.method != quantizers.NONE
 
   def describe(self) -> str:
-    """``"interval/ewgs/2b"`` or ``"fp"``, for logs."""
-    return f"{self.method}/{self.rule}/{self.bits}b" if self.active else "fp"
+    """``"interval/ewgs/2b"`` (``"interval/ewgs/2b/per-channel"``) or ``"fp"``, for logs."""
+    if not self.active:
+      return "fp"
+    return f"{self.method}/{self.rule}/{self.bits}b" + ("/per-channel" if self.per_channel else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,12 +96,13 @@ class QuantConfig:
 
   Attributes:
     weight: the weight quantizers' setting.
-    act: the activation quantizers' setting.
+    act: the activation quantizers' setting (per-tensor: ``act.per_channel`` is refused).
     quantize_first_last: quantize the model's first and last layers too (they stay full precision
       otherwise, as both papers; the shipped models and :func:`ewgs_jax.quantize` honour it).
     overrides: ``((regex, {key: value}), ...)``; an override applies to every quantized layer whose
       module path (``"stage1_block0/conv1"``) matches ``re.search(regex, path)``, later ones
-      winning. Keys: :data:`OVERRIDE_KEYS` (``enabled=False``: full precision). An override that
+      winning. Keys: :data:`OVERRIDE_KEYS` (``enabled=False``: full precision;
+      ``weight_per_channel``: :attr:`QuantizerSpec.per_channel` of the weights). An override that
       matches no layer is an error at start-up.
     enabled: ``False`` makes every layer full precision (parameter names unchanged).
     settings: ``{rule name: {key: value}}``: settings of the backward rules, each checked against
@@ -101,6 +116,9 @@ class QuantConfig:
   settings: Any = ()
 
   def __post_init__(self):
+    if self.act.per_channel:
+      raise ValueError("per-channel ranges are for weight quantizers only (one range per output channel); the "
+                       "activation quantizer is per tensor: set per_channel=False on act")
     frozen = []
     for pattern, given in self.overrides:
       re.compile(pattern)
@@ -118,8 +136,11 @@ class QuantConfig:
     for name, values in settings.items():
       rules.get(name).resolve(dict(values))            # unknown rules, keys and bad values raise now
     object.__setattr__(self, "settings", _freeze(settings))
-    for _, given in self.overrides:   # validates the override values now, not at the first call
-      _apply_overrides(self.weight, self.act, dict(given))
+    for pattern, given in self.overrides:   # validates the override values now, not at the first call
+      try:
+        _apply_overrides(self.weight, self.act, dict(given))
+      except ValueError as e:
+        raise ValueError(f"override {pattern!r}: {e}") from None
 
   def resolve(self, path: str) -> LayerQuant:
     """The setting of the layer at ``path`` after every matching override.
