@@ -36,8 +36,26 @@ def due(step: int, every: int, last: int | None = None) -> bool:
   return (every > 0 and step % every == 0) or (last is not None and step == last)
 
 
+def quantizer_values(name: str, value) -> dict[str, float]:
+  """A quantizer parameter or delta as loggable scalars: ``{name: value}``, or for a per-channel one
+  (:attr:`ewgs_jax.quantconfig.QuantizerSpec.per_channel`) its mean, min and max over the channels as
+  ``{name/mean, name/min, name/max}`` (every value stays in the checkpoint).
+
+  Args:
+    name: the variable's name (``q_w_lower``, ``q_alpha``, ``delta_w``).
+    value: its value (host array or scalar).
+
+  Returns:
+    The scalars by name.
+  """
+  value = np.asarray(value, np.float64)
+  if value.size == 1:
+    return {name: float(value.reshape(()))}
+  return {f"{name}/mean": float(value.mean()), f"{name}/min": float(value.min()), f"{name}/max": float(value.max())}
+
+
 def quantizer_snapshot(variables: dict) -> dict[str, dict[str, float]]:
-  """Per quantized layer: its scalar quantizer parameters (l, u, alpha, ...) and deltas.
+  """Per quantized layer: its quantizer parameters (l, u, alpha, ...) and deltas, as :func:`quantizer_values`.
 
   Args:
     variables: ``params`` and ``quant_state`` (device or host arrays).
@@ -51,8 +69,8 @@ def quantizer_snapshot(variables: dict) -> dict[str, dict[str, float]]:
 
   def visit(path, leaf):
     keys = names.path_keys(path)
-    if (names.is_quantizer_param(keys) or names.is_delta(keys[-1])) and np.size(leaf) == 1:
-      snapshot.setdefault("/".join(keys[1:-1]), {})[keys[-1]] = float(np.asarray(leaf).reshape(()))
+    if (names.is_quantizer_param(keys) or names.is_delta(keys[-1])) and np.size(leaf) > 0:
+      snapshot.setdefault("/".join(keys[1:-1]), {}).update(quantizer_values(keys[-1], leaf))
 
   jax.tree_util.tree_map_with_path(visit, host)
   return snapshot

@@ -4,7 +4,8 @@ The rule-free baseline of quantization-aware training: what the quantized networ
 full-precision weights and quantizer parameters set from data alone. Every quantizer gets its
 forward method's data-driven initialisation (EWGS Sec. 4.1 for the interval method: weights
 ``-+3 sigma(w)``, activations ``[min(x), 3 sigma(x) / sqrt(1 - 2/pi)]``; PACT, LSQ as
-:mod:`ewgs_jax.quantizers` documents), computed on a few calibration batches of *training* images at
+:mod:`ewgs_jax.quantizers` documents; per output channel when the config asks for per-channel weights,
+``quant.weight_per_channel``), computed on a few calibration batches of *training* images at
 once (never the evaluation split), layer by layer in order, so each layer is calibrated on the
 already-quantized outputs of the layers before it. Unlike the QAT warm start
 (:func:`ewgs_jax.initialization.warm_start`, BatchNorm on the batch's statistics as in the reference
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ewgs_jax import data, names, reporting, training
+from ewgs_jax import actions, data, names, reporting, training
 from ewgs_jax.export import workdir as workdir_lib
 from ewgs_jax.losses import cross_entropy
 
@@ -149,17 +150,18 @@ def _evaluate_split(model, variables, config, split: str) -> dict:
 
 
 def _quantizer_values(model, variables) -> dict[str, dict]:
-  """Per quantized layer, its bits and scalar quantizer parameters (as a training summary lists them)."""
+  """Per quantized layer, its bits and quantizer parameters (as a training summary lists them: per-channel
+  ones as their mean, min and max, :func:`ewgs_jax.actions.quantizer_values`)."""
   values: dict[str, dict] = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(variables[names.PARAMS]))[0]:
     keys = names.path_keys(path)
-    if names.is_quantizer_param(keys) and np.size(leaf) == 1:
+    if names.is_quantizer_param(keys) and np.size(leaf) > 0:
       layer = "/".join(keys[:-1])
       if layer not in values:
         setting = model.quant.resolve(layer)
         values[layer] = {"bits": {"weight": setting.weight.bits if setting.weight.active else None,
                                   "act": setting.act.bits if setting.act.active else None}}
-      values[layer][keys[-1]] = float(np.asarray(leaf).reshape(()))
+      values[layer].update(actions.quantizer_values(keys[-1], leaf))
   return values
 
 

@@ -213,7 +213,9 @@ def _prepare(layer: _Layer, quantities: Mapping[str, Any]) -> tuple[dict[str, np
   arrays: dict[str, np.ndarray] = {}
   meta: dict[str, Any] = {"op": layer.op, "op_params": layer.op_params, "dtype": jnp.dtype(layer.dtype).name,
                           "folded_bn": layer.folded_bn}
-  scale = np.float64(abs(float(params[names.OUTPUT_SCALE]))) if names.OUTPUT_SCALE in params else np.float64(1.0)
+  # |alpha|: a scalar, or one per output channel with per-channel weights
+  alpha = np.abs(np.asarray(params[names.OUTPUT_SCALE], np.float64)) if names.OUTPUT_SCALE in params else np.float64(1)
+  scale = alpha
   kernel = params["kernel"]
   if setting.weight.active:
     w = integer.weight_levels(setting.weight.method, kernel, _quantizer_params(params, "w"), setting.weight.bits,
@@ -222,7 +224,7 @@ def _prepare(layer: _Layer, quantities: Mapping[str, Any]) -> tuple[dict[str, np
     scale = scale * np.asarray(w.scale, np.float64)
     meta["weight"] = {"method": setting.weight.method, "bits": w.bits, "shape": list(kernel.shape), "step": w.step,
                       "offset": w.offset, "slot_bits": packing.slot_bits(w.bits),
-                      "per_channel": bool(np.ndim(w.scale))}
+                      "per_channel": setting.weight.per_channel}   # its ranges (the scale: arrays["scale"])
     levels = w.levels()
   else:
     arrays["kernel"] = np.asarray(kernel, np.float32)
@@ -244,7 +246,6 @@ def _prepare(layer: _Layer, quantities: Mapping[str, Any]) -> tuple[dict[str, np
     meta["act"] = None
   # the layer's output is |alpha| (op + bias) (EWGS Sec. 3.1, the bias scaled with the product as in the
   # official code): the bias takes alpha too
-  alpha = abs(float(params[names.OUTPUT_SCALE])) if names.OUTPUT_SCALE in params else 1.0
   bias = alpha * np.asarray(params["bias"], np.float64) if "bias" in params else np.zeros((), np.float64)
   arrays["scale"], arrays["bias"] = np.asarray(scale, np.float32), np.asarray(bias, np.float32)
   if layer.bn is not None:   # BatchNorm folded into the requantization: y = mul (scale acc + bias) + shift
