@@ -45,6 +45,7 @@ def test_unknown_key_is_named_with_suggestion():
     ("quant.act_bits", 17, r"quant\.act_bits=17"),
     ("quant.rule", "sste", r"quant\.rule='sste' is invalid; valid choices: \['ewgs', 'pege', 'ste'\] \(did you mean 'ste'\?\)"),
     ("quant.weight_method", "apot", r"valid choices: \['interval', 'pact', 'lsq', 'dorefa', 'none'\]"),
+    ("quant.weight_per_channel", None, r"quant\.weight_per_channel=None is invalid; valid choices: \[False, True\]"),
     ("model", "resnet21", r"config\.model='resnet21' is invalid; valid choices: \[.*'resnet20'"),
     ("optimizer", "lamb", r"valid choices: \['adam', 'sgd'\]"),
     ("pege.rate_schedule", "step", r"valid choices: \['constant', 'cosine', 'exponential', 'linear', 'logarithmic'\]"),

@@ -69,11 +69,13 @@ def test_pack_refuses_codes_out_of_range():
 # --- one layer -----------------------------------------------------------------------------------
 
 
-def method_params(method, x, bits, weight):
+def method_params(method, x, bits, weight, per_channel=False):
   """The method's data-driven initial parameters for ``x`` (PACT's activation clip from the data too:
-  its constant 10 would put every activation of a random network in code 0 at low bits)."""
+  its constant 10 would put every activation of a random network in code 0 at low bits); per output
+  channel with ``per_channel``."""
   spec = quantizers.get_method(method).params
-  params = {suffix: np.asarray(init(x, bits, weight), np.float32) for suffix, init in spec.items()}
+  wrap = quantizers.per_channel if per_channel else (lambda init: init)
+  params = {suffix: np.asarray(wrap(init)(x, bits, weight), np.float32) for suffix, init in spec.items()}
   if method == "pact" and not weight:
     params["clip"] = np.float32(3.0 * np.std(x))
   return params
@@ -171,7 +173,8 @@ def random_variables(model, shape, seed=0):
       kind, suffix = leaf[2], leaf[4:]
       spec = setting.weight if kind == "w" else setting.act
       source = values[(collection, *module, "kernel")] if kind == "w" else sample
-      value = method_params(spec.method, np.asarray(source, np.float32), spec.bits, kind == "w")[suffix]
+      value = method_params(spec.method, np.asarray(source, np.float32), spec.bits, kind == "w",
+                            spec.per_channel)[suffix]
     else:
       value = np.zeros(shape_)
     values[key] = np.asarray(value, np.float32).reshape(shape_)
@@ -284,14 +287,15 @@ def assert_integer_model_matches(model, shape, batch=16, seed=0):
   return integer_model, variables, images, logits
 
 
-def model_quant(method, family="cifar_resnet", first_last=True, bits=2):
+def model_quant(method, family="cifar_resnet", first_last=True, bits=2, per_channel=False):
   spec = QuantizerSpec(method, "ste", bits)
-  quant = QuantConfig(weight=spec, act=spec, quantize_first_last=first_last)
+  weight = QuantizerSpec(method, "ste", bits, per_channel=per_channel)
+  quant = QuantConfig(weight=weight, act=spec, quantize_first_last=first_last)
   model, shape = build(family, quant)
   # 1-bit layers among MobileNetV2's 52 leave a random network's logits independent of its input (a
   # vacuous test); the other families cover 1 bit
   cycle = BITS[1:] if family == "mobilenet_v2" else BITS
-  return QuantConfig(weight=spec, act=spec, quantize_first_last=first_last,
+  return QuantConfig(weight=weight, act=spec, quantize_first_last=first_last,
                      overrides=cyclic_bits(model, shape, cycle)), shape
 
 
@@ -304,6 +308,21 @@ def test_integer_cifar_resnet_matches_fake_quant_for_every_method_at_1_2_4_8_bit
   assert {m["weight"]["bits"] for m in layers.values()} == set(BITS)
   assert layers["fc"]["op"] == "dot" and layers["conv1"]["op"] == "conv"
   assert all(m["folded_bn"] for p, m in layers.items() if p != "fc")   # every conv is followed by its BatchNorm
+
+
+@pytest.mark.parametrize("method", ["interval", pytest.param("pact", marks=pytest.mark.slow),
+                                    pytest.param("lsq", marks=pytest.mark.slow)])   # alpha per channel: interval
+def test_per_channel_weights_export_with_per_channel_requantization_scales(method):
+  """Per-channel weight ranges (and, for the interval method, a per-channel alpha): the integer model still
+  matches the fake-quantized one, each layer's requantization scale one per output channel."""
+  quant, shape = model_quant(method, per_channel=True)   # 1, 2, 4, 8 bits in turn, first and last layers too
+  model, _ = build("cifar_resnet", quant)
+  integer_model, variables, *_ = assert_integer_model_matches(model, shape)
+  for path, meta in integer_model.metadata["layers"].items():
+    features = meta["weight"]["shape"][-1]
+    assert meta["weight"]["per_channel"]
+    assert layer_arrays(integer_model, path)["scale"].shape == (features,), path
+  assert variables["params"]["fc"]["q_w_" + next(iter(quantizers.get_method(method).params))].shape == (10,)
 
 
 @pytest.mark.parametrize("family,method", [("vgg", "lsq"), ("imagenet_resnet_bottleneck", "interval")])

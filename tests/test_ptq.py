@@ -93,3 +93,22 @@ def test_a_ptq_model_exports_to_an_integer_model(fp_run):
   np.testing.assert_array_equal(variables["batch_stats"]["bn1"]["mean"], fp["batch_stats"]["bn1"]["mean"])
   assert set(variables["params"]["stage1_block0"]["conv1"]) - {"kernel"} == {
       "q_w_lower", "q_w_upper", "q_a_lower", "q_a_upper", names.OUTPUT_SCALE}
+
+
+def test_per_channel_ptq_calibrates_one_range_per_output_channel_and_exports(fp_run):
+  config = quantized(4, **{"quant.weight_per_channel": True})
+  model, variables, _ = ptq.quantize_run(fp_run, config)
+  conv = variables["params"]["stage1_block0"]["conv1"]
+  features = conv["kernel"].shape[-1]
+  assert conv["q_w_upper"].shape == conv[names.OUTPUT_SCALE].shape == (features,) and conv["q_a_upper"].shape == ()
+  sigma = np.asarray(conv["kernel"], np.float64).reshape(-1, features).std(axis=0, ddof=1)
+  np.testing.assert_allclose(conv["q_w_upper"], 3 * sigma, rtol=1e-5)   # EWGS Sec. 4.1, per output channel
+  summary = ptq.evaluate(fp_run, config)
+  layer = summary["quantizers"]["stage1_block0/conv1"]
+  assert layer["q_w_upper/min"] < layer["q_w_upper/max"] and "q_w_upper" not in layer
+  assert 0.0 < summary["final_test_accuracy"] <= 1.0
+  integer = export_model.integer_model(variables, config, platforms=("cpu",))
+  images = ptq.calibration_images(config, 1)
+  fake = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+  stats = check.logit_agreement(fake, integer(images))
+  assert stats["agreement"] == 1.0 and stats["max_rel_logit_error"] < 1e-3
