@@ -400,9 +400,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
     reporting.announce(f"resumed from step {step} of {total_steps} in {workdir}")
   writer = reporting.MetricsWriter(workdir)
   cleanup.callback(writer.close)
-  progress = reporting.ProgressBar(total_steps, config.batch_size, enabled=config.progress_bar)
+  timer = reporting.RunTimer(config.batch_size, history.get("timing"))
+  progress = reporting.ProgressBar(total_steps, config.batch_size, enabled=config.progress_bar,
+                                   clock=timer.training_seconds)
   pending: list[tuple[int, dict]] = []   # step metrics not yet fetched from the device
-  timer = reporting.RunTimer(config.batch_size, history.get("timing"), on_pause=progress.exclude)
   diverged_loss = DIVERGED_LOSS_FACTOR * math.log(max(info.num_classes, 2))
 
   def flush_metrics():
@@ -470,7 +471,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
   preempted = False
   while step < total_steps:
     if policy.should_refresh(step, steps_per_epoch) and history["refreshed_at"] != step:
-      with timer.paused() as pause:
+      with timer.paused(sync=state) as pause:
         progress.message(f"step {step}: refreshing EWGS delta ({config.delta.mode}) ...")
         state = refresh_deltas(state, step)
         history["refreshed_at"] = step
@@ -486,7 +487,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
       timer.start_training(step)
     if step % config.log_every_steps == 0:
       flush_metrics()
-    with timer.paused():                 # evaluation, checkpoints, preemption: not training time
+    # Evaluation, checkpoints, preemption: not training time. A pause that evaluates or saves first
+    # waits for the queued steps, so they count as training (reporting.RunTimer).
+    due = (step % steps_per_epoch == 0 or step == total_steps
+           or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0))
+    with timer.paused(sync=state if due else None):
       if stop_after_bookkeeping(state, step):
         preempted = True
         break
@@ -512,6 +517,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
       "preempted": preempted,
       "eval_split": subset.eval_split,
       "device": f"{jax.devices()[0].platform} {jax.devices()[0].device_kind} x {jax.device_count()}",
+      "environment": reporting.environment(),
       "delta_refreshes": len(history["quantizers"]),
       "quantizers": {layer: {"bits": _layer_bits(model, layer), **values}
                      for layer, values in _quantizer_snapshot(state).items()},
