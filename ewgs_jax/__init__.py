@@ -12,7 +12,7 @@ from ewgs_jax.quantizers import clip, dorefa, interval, lsq, pact, scale_gradien
 from ewgs_jax.replacement import quantizer_key, replace, replacement_mask
 from ewgs_jax import schedules
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"   # the one place the version is set (pyproject.toml reads it)
 
 
 def __getattr__(name):   # the Flax parts load on first use: `import ewgs_jax` stays free of Flax

@@ -23,7 +23,7 @@ import logging
 import os
 import shutil
 import signal
-from typing import Any
+from typing import IO, Any
 
 import jax
 import numpy as np
@@ -294,7 +294,8 @@ def save_warm_start(workdir: str, variables: dict, source: str) -> None:
   flat = traverse_util.flatten_dict(jax.device_get(variables), sep="/")
   path = os.path.join(workdir, WARM_START_FILE)
   with open(path + ".tmp", "wb") as f:
-    np.savez(f, __source__=np.asarray(os.path.abspath(source)), **{k: np.asarray(v) for k, v in flat.items()})
+    arrays: dict[str, Any] = {k: np.asarray(v) for k, v in flat.items()}
+    np.savez(f, __source__=np.asarray(os.path.abspath(source)), **arrays)
   os.replace(path + ".tmp", path)
 
 
@@ -330,7 +331,7 @@ class WorkdirLock:
 
   def __init__(self, workdir: str):
     self.workdir = workdir
-    self._file = None
+    self._file: IO[str] | None = None
 
   def acquire(self) -> "WorkdirLock":
     os.makedirs(self.workdir, exist_ok=True)

@@ -475,12 +475,14 @@ def main(argv: list[str] | None = None) -> int:
   if args.jobs > 1:
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / args.jobs:.3f}")
   log_dir = os.path.join(args.workdir, "logs")
-  if args.init_from and fp.summary() is None:
+  # a given --init-from run was trained as its user chose: it is used, not checked against the preset
+  fp_summary = fp.summary() if args.init_from else None
+  if args.init_from and fp_summary is None:
     print(f"[compare] --init-from {args.init_from}: no finished run there (summary.json)", file=sys.stderr)
     return 2
   try:
-    # a given --init-from run was trained as its user chose: it is used, not checked against the preset
-    fp_summary = fp.summary() if args.init_from else execute(fp, log_dir, env)
+    if fp_summary is None:
+      fp_summary = execute(fp, log_dir, env)
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
       summaries_in_order = list(pool.map(lambda item: execute(item[2], log_dir, env), runs))
   except RuntimeError as e:

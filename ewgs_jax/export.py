@@ -30,7 +30,7 @@ def _codes(x, lower, upper, bits: int) -> np.ndarray:
   n = 2 ** bits - 1
   latent = np.clip((np.asarray(x, np.float64) - lower) / (upper - lower), 0.0, 1.0)
   # float32 as in training (EWGS Eq. 2 rounds (2^b - 1) x_n computed in float32), half to even
-  codes = np.round(np.float32(latent) * np.float32(n))
+  codes = np.round(latent.astype(np.float32) * np.float32(n))
   return codes.astype(np.uint8 if bits <= 8 else np.uint16)
 
 

@@ -43,6 +43,7 @@ than at 2, and more for a larger factor.
 from __future__ import annotations
 
 import functools
+import unittest
 from typing import Any, Callable, Sequence
 
 import chex
@@ -378,7 +379,7 @@ class RuleTestCase(chex.TestCase):
 
   def _rule(self) -> Callable:
     if self.discretizer is None:
-      self.skipTest("RuleTestCase itself: set `discretizer` in a subclass")
+      raise unittest.SkipTest("RuleTestCase itself: set `discretizer` in a subclass")
     return self.discretizer
 
   def _tolerances(self, bits: int, scale: float) -> tuple[float, float]:

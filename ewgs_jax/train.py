@@ -15,6 +15,7 @@ checkpoint (re-run the same command to resume); 130 aborted by a second Ctrl-C.
 
 import os
 import sys
+from typing import NoReturn
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -35,7 +36,7 @@ flags.DEFINE_bool("verbose", False, "Log library INFO messages (orbax, ...) and 
 flags.DEFINE_bool("config_keys", False, "List every config key with its default and meaning, and exit.")
 
 
-def _fail(message: str, code: int):
+def _fail(message: str, code: int) -> NoReturn:
   sys.stderr.write(f"error: {message}\n")
   sys.exit(code)
 
