@@ -25,6 +25,7 @@ import logging as std_logging
 import os
 import sys
 import threading
+from typing import NoReturn
 
 import ml_collections
 from absl import app, flags, logging
@@ -51,7 +52,7 @@ flags.DEFINE_bool("verbose", False, "Log library INFO messages (orbax, ...) and 
 flags.DEFINE_bool("config_keys", False, "List every config key with its default and meaning, and exit.")
 
 
-def _fail(message: str, code: int):
+def _fail(message: str, code: int) -> NoReturn:
   sys.stderr.write(f"error: {message}\n")
   sys.exit(code)
 

@@ -33,7 +33,7 @@ import os
 import shutil
 import signal
 import sys
-from typing import Any
+from typing import IO, Any
 
 import jax
 import numpy as np
@@ -230,7 +230,7 @@ class WorkdirLock:
   def __init__(self, workdir: str):
     """Prepares (does not take) the lock of ``workdir``."""
     self.workdir = workdir
-    self._file = None
+    self._file: IO[str] | None = None
 
   def acquire(self) -> "WorkdirLock":
     """Takes the lock, or raises :class:`WorkdirBusyError` naming the holder's pid.
