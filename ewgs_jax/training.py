@@ -182,7 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if restored is None:
       if fp_variables is None and resuming:   # every checkpoint was unreadable: start again
         fp_variables = warm_start_source(config, workdir)
-      state, extra = init_state(init_key, first_images, fp_variables), {}
+      state, extra = init_state(init_key, first_images, fp_variables), {"data": None}
     else:
       state, extra = restored
       train_iter.set_state(extra["data"])

@@ -167,7 +167,7 @@ def preemption_requested() -> bool:
     ``True`` after SIGTERM or a first Ctrl-C (one process), or once :func:`stop_requested` has
     returned ``True`` (every process alike).
   """
-  return _STOP["requested"] or _STOP["agreed"]
+  return bool(_STOP["requested"] or _STOP["agreed"])
 
 
 def ctrl_c_presses() -> int:
@@ -212,7 +212,7 @@ def stop_requested() -> bool:
   local = np.asarray(_preemption_noticed(), dtype=np.int32)
   if np.any(multihost_utils.process_allgather(local)):
     _STOP["agreed"] = True
-  return _STOP["agreed"]
+  return bool(_STOP["agreed"])
 
 
 # --- the lock ------------------------------------------------------------------------------------
