@@ -298,7 +298,7 @@ def test_context_reaches_only_the_layers_whose_rule_reads_it(images):
 
   def own_grads(layer, mu):
     """A layer's gradients from a loss on its own output: they pass through its own rules only."""
-    ctx = QuantContext(mu=jnp.float32(mu))
+    ctx = pege_context(mu=mu)
 
     def loss(p):
       out = model.apply({**v, "params": p}, images, ctx=ctx, capture_intermediates=True)[1]["intermediates"]
