@@ -16,7 +16,7 @@ from ewgs_jax.replacement import quantizer_key, replace, replacement_mask
 from ewgs_jax import rules, schedules
 from ewgs_jax.quantconfig import QuantConfig, QuantizerSpec
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"   # the one place the version is set (pyproject.toml reads it)
 
 _LAZY = {   # the Flax parts load on first use: `import ewgs_jax` stays free of Flax
     "quantize": "interception", "quantizing": "interception", "QuantizedModel": "interception",

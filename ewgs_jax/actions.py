@@ -233,7 +233,7 @@ def run_rule_actions(qat, state, step: int, books: Bookkeeper, timer: reporting.
   pending = [d for d in qat.due(step) if history["actions_done"].get(d.name) != step] if qat is not None else []
   if not pending:
     return state, False
-  with timer.paused() as pause:
+  with timer.paused(sync=state) as pause:
     books.progress.message(f"step {step}: {', '.join(d.action.describe or d.name for d in pending)} ...")
     variables, results = qat.run_due(step, state.variables(), loss_fn, functools.partial(batches, step),
                                      jax.random.fold_in(key, step), stop=workdir_guard.stop_requested,   # polled

@@ -238,7 +238,8 @@ def save_warm_start(workdir: str, variables: dict, source: str) -> None:
   path = os.path.join(workdir, WARM_START_FILE)
   try:
     with open(path + ".tmp", "wb") as f:
-      np.savez(f, __source__=np.asarray(os.path.abspath(source)), **{k: np.asarray(v) for k, v in flat.items()})
+      arrays: dict[str, Any] = {k: np.asarray(v) for k, v in flat.items()}
+      np.savez(f, __source__=np.asarray(os.path.abspath(source)), **arrays)
     os.replace(path + ".tmp", path)
   except OSError as e:
     with contextlib.suppress(OSError):

@@ -213,8 +213,9 @@ def missing_idx_message(name: str, data_dir: str | None) -> str:
 @functools.lru_cache(maxsize=8)
 def _idx_arrays(directory: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   images_stem, labels_stem = IDX_FILES[split]
-  images = read_idx(_find_idx(directory, images_stem))
-  labels = read_idx(_find_idx(directory, labels_stem))
+  # idx_directory found both; a file removed since then fails in read_idx, naming its path
+  images = read_idx(_find_idx(directory, images_stem) or os.path.join(directory, images_stem))
+  labels = read_idx(_find_idx(directory, labels_stem) or os.path.join(directory, labels_stem))
   if images.ndim != 3 or labels.shape != images.shape[:1]:
     raise ValueError(f"{directory}: {split} images {images.shape} and labels {labels.shape} do not match")
   return images[..., None], labels
@@ -421,7 +422,7 @@ def crop_and_flip(batch: np.ndarray, rng: np.random.Generator, pad: int, flip: b
   n, h, w, _ = batch.shape
   padded = np.pad(batch, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   dy, dx = rng.integers(0, 2 * pad + 1, size=(2, n))
-  flips = rng.random(n) < 0.5 if flip else np.zeros(n, bool)
+  flips = np.asarray(rng.random(n) < 0.5) if flip else np.zeros(n, bool)
   rows = dy[:, None] + np.arange(h)[None, :]
   cols = dx[:, None] + np.arange(w)[None, :]
   cols = np.where(flips[:, None], cols[:, ::-1], cols)

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -102,7 +102,7 @@ def delta_from_gradient(trace_per_element, grad):
   return delta_from_trace(trace_per_element, jnp.std(jnp.asarray(grad, jnp.float32), ddof=1))
 
 
-def combine_batches(per_batch: np.ndarray, previous: float, name: str = "") -> float:
+def combine_batches(per_batch: Sequence[float] | np.ndarray, previous: float, name: str = "") -> float:
   """``max(0, mean)`` over the batches with a defined value; keeps ``previous`` if there is none.
 
   A vanishing gradient spread or a non-finite trace (the reference code's NaN on detection

@@ -124,7 +124,7 @@ def init_variables(model: nn.Module, rng: Array, images: Array, ctx: QuantContex
 
 
 def _flat(tree) -> dict[str, tuple]:
-  flat = {}
+  flat: dict[str, tuple] = {}
   jax.tree_util.tree_map_with_path(
       lambda path, leaf: flat.__setitem__(names.path_str(path),
                                           tuple(getattr(leaf, "shape", ()))),

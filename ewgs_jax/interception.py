@@ -45,10 +45,10 @@ from ewgs_jax.quantconfig import QuantConfig
 log = logging.getLogger("ewgs_jax")
 
 # the intercepted layer -> the quantized layer computing it; every field of the former is passed on
-REPLACEMENTS = ((nn.Conv, QuantConv), (nn.Dense, QuantDense), (nn.DenseGeneral, QuantDenseGeneral),
+REPLACEMENTS: tuple[tuple[type[nn.Module], type[nn.Module]], ...] = ((nn.Conv, QuantConv), (nn.Dense, QuantDense), (nn.DenseGeneral, QuantDenseGeneral),
                 (nn.Einsum, QuantEinsum))
 #: Layers with a weight or a product that stay full precision, each with the reason logged.
-NOT_QUANTIZED = ((nn.ConvTranspose, "transposed convolutions are not quantized"),
+NOT_QUANTIZED: tuple[tuple[type[nn.Module], str], ...] = ((nn.ConvTranspose, "transposed convolutions are not quantized"),
                  (nn.ConvLocal, "locally connected convolutions are not quantized"),
                  (nn.Embed, "embeddings are lookups, not products: not quantized"),
                  (nn.MultiHeadDotProductAttention, "its projections are quantized; its query-key and "
@@ -58,7 +58,7 @@ NOT_QUANTIZED = ((nn.ConvTranspose, "transposed convolutions are not quantized")
 def _replacement(module: nn.Module, quant: QuantConfig) -> nn.Module | None:
   for original, reason in NOT_QUANTIZED:
     if isinstance(module, original):
-      hooks.record_layer(module.scope.path, type(module).__name__, None, reason)
+      hooks.record_layer(module.scope.path if module.scope is not None else (), type(module).__name__, None, reason)
       return None
   for original, quantized in REPLACEMENTS:
     if isinstance(module, original):

@@ -86,6 +86,7 @@ class _Quantized(nn.Module):
   """Shared quantizer logic of the quantized layers."""
 
   def _path(self) -> tuple[str, ...]:
+    assert self.scope is not None, "a quantized layer runs bound (inside init / apply)"
     return tuple(self.scope.path)
 
   def _setting(self) -> LayerQuant | None:
@@ -115,9 +116,9 @@ class _Quantized(nn.Module):
     value = None
     if reads_state:
       value = jnp.zeros((), jnp.float32) if state is None else state
-    elif rule.source == "context":
+    elif rule.source == "context" and rule.factor is not None:
       applies = ctx is not None and self.quant.options(spec.rule).factor_applies(kind)
-      value = ctx.factor(rule.name, rule.factor) if applies else jnp.zeros((), jnp.float32)
+      value = ctx.factor(rule.name, rule.factor) if ctx is not None and applies else jnp.zeros((), jnp.float32)
     return self.quant.discretizer(spec, value), (state if reads_state else None)
 
   def _hook(self, spec: QuantizerSpec, kind: str, ctx: QuantContext | None, state):
@@ -494,7 +495,7 @@ class QuantEinsum(_Quantized):
 
     add_bias = None
     if self.use_bias:
-      bias_shape, broadcast = nn.Einsum._get_bias_shape(self, einsum_str, x, kernel)   # nn.Einsum's own rule
+      bias_shape, broadcast = nn.Einsum._get_bias_shape(self, einsum_str, x, kernel)  # type: ignore[arg-type]  # nn.Einsum's own rule (reads only .shape)
       bias = self.param("bias", self.bias_init, bias_shape, self.param_dtype).astype(dtype)
       add_bias = lambda y: y + jnp.reshape(bias, broadcast)
     rhs, out = einsum_str.split(",")[1].split("->")

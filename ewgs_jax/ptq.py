@@ -205,6 +205,7 @@ def evaluate(fp_workdir: str, config: ml_collections.ConfigDict, *, calibration_
       "preempted": False,
       "eval_split": split,
       "device": f"{jax.devices()[0].platform} {jax.devices()[0].device_kind} x {jax.device_count()}",
+      "environment": reporting.environment(),
       "rule_actions": {},   # no rule ran: nothing was trained
       "quantizers": _quantizer_values(model, variables),
       "config": config_dict,

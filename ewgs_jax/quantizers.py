@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -200,11 +200,12 @@ def lsq(
     ``round(clip(x / s, -Q_N, Q_P)) * s``, in ``x.dtype``.
   """
   q_neg, q_pos = lsq_range(bits, signed)
-  if grad_scale is None:
+  scale: Any = grad_scale
+  if scale is None:
     # N may be symbolic (a batch size left open by jax.export), so the scale is computed as an array
     per_step = x.size // max(jnp.size(step), 1)
-    grad_scale = 1.0 / jnp.sqrt(jnp.asarray(per_step * max(q_pos, 1), jnp.float32))
-  s = scale_gradient(step, grad_scale)
+    scale = 1.0 / jnp.sqrt(jnp.asarray(per_step * max(q_pos, 1), jnp.float32))
+  s = scale_gradient(step, scale)
   v = clip(x / s, -float(q_neg), float(q_pos))
   x_q = _discretize((v + q_neg) / (q_neg + q_pos), bits, discretizer, hook)
   out = (x_q * (q_neg + q_pos) - q_neg) * s

@@ -205,14 +205,14 @@ def exponential_mu(mu_max: float, k: float) -> Schedule:
   return lambda step: mu_max * -jnp.expm1(-k * _t(step))
 
 
-RATE_SCHEDULES = {
+RATE_SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "constant": constant_rate,
     "linear": linear_rate,
     "logarithmic": logarithmic_rate,
     "exponential": exponential_rate,
     "cosine": cosine_rate,
 }
-MU_SCHEDULES = {
+MU_SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "constant": constant_mu,
     "linear": linear_mu,
     "logarithmic": logarithmic_mu,

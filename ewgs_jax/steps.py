@@ -8,6 +8,7 @@ the public QAT API (:class:`ewgs_jax.qat.QAT`), as in any user's loop.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -153,9 +154,9 @@ def train_step(state: TrainState, batch: dict, key: jax.Array, *, model, tx: opt
 
   (loss, (accuracy, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                        batch_stats=batch_stats, opt_state=opt_state)
-  return state, {"loss": loss, "accuracy": accuracy, **(qat.metrics(ctx) if ctx is not None else {})}
+  state = dataclasses.replace(state, step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              batch_stats=batch_stats, opt_state=opt_state)
+  return state, {"loss": loss, "accuracy": accuracy, **(qat.metrics(ctx) if qat is not None and ctx is not None else {})}
 
 
 def eval_step(state: TrainState, batch: dict, *, model, prepare: Prepare = identity) -> dict:

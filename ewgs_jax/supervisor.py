@@ -101,12 +101,12 @@ def supervise(argv: list[str], workdir: str, process_id: int | None, num_process
   code = worker.wait()
   if code >= 0:
     return code
-  signum = -code
+  lost_to = -code
   steps = checkpoints.committed_steps(workdir)
   saved = f"step {steps[-1]}" if steps else "none (nothing was saved yet)"
   me = f"process {process_id}" if process_id is not None else "this process"
   text = _read_tail(log_path)
-  peer = lost_peer(text) if signum == signal.SIGABRT else None
+  peer = lost_peer(text) if lost_to == signal.SIGABRT else None
   if peer is not None:
     of = f" of {num_processes}" if num_processes else ""
     who = ("another process of the run" if peer < 0 else
@@ -114,8 +114,8 @@ def supervise(argv: list[str], workdir: str, process_id: int | None, num_process
     _say(f"error: lost {who}: it stopped answering (killed, crashed or unreachable), so {me} stopped too. The "
          f"last checkpoint in {workdir} is {saved}: re-run every process's command to resume (details: {log_path})")
     return workdir_lib.EXIT_STOPPED_EARLY
-  name = signal.Signals(signum).name
-  why = " (out of memory, or killed by someone)" if signum == signal.SIGKILL else ""
+  name = signal.Signals(lost_to).name
+  why = " (out of memory, or killed by someone)" if lost_to == signal.SIGKILL else ""
   _say(f"error: the training of {me} died of {name}{why}. The last checkpoint in {workdir} is {saved}; "
        f"details: {log_path}")
   return EXIT_ERROR

@@ -25,6 +25,8 @@ import logging as std_logging
 import os
 import sys
 import threading
+import typing
+from typing import NoReturn
 
 import ml_collections
 from absl import app, flags, logging
@@ -51,7 +53,7 @@ flags.DEFINE_bool("verbose", False, "Log library INFO messages (orbax, ...) and 
 flags.DEFINE_bool("config_keys", False, "List every config key with its default and meaning, and exit.")
 
 
-def _fail(message: str, code: int):
+def _fail(message: str, code: int) -> NoReturn:
   sys.stderr.write(f"error: {message}\n")
   sys.exit(code)
 
@@ -160,6 +162,8 @@ def _missing_dict_key_message(argv: list[str], overrides: dict[str, str]) -> str
   path, _, variant = _config_spec(argv).partition(":")
   try:   # the config as ml_collections loads it (get_config(variant))
     spec = importlib.util.spec_from_file_location("_ewgs_jax_config_for_message", path)
+    if spec is None or spec.loader is None:
+      return None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config(variant) if variant else module.get_config()
@@ -261,7 +265,8 @@ class _MainThreadStderr(io.TextIOBase):
 
   def __init__(self, terminal, log_path: str):
     super().__init__()
-    self._terminal, self._log_path, self._log = terminal, log_path, None
+    self._terminal, self._log_path = terminal, log_path
+    self._log: typing.TextIO | None = None
 
   def write(self, text: str) -> int:
     if threading.current_thread() is threading.main_thread():

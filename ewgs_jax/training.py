@@ -182,7 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if restored is None:
       if fp_variables is None and resuming:   # every checkpoint was unreadable: start again
         fp_variables = warm_start_source(config, workdir)
-      state, extra = init_state(init_key, first_images, fp_variables), {}
+      state, extra = init_state(init_key, first_images, fp_variables), {"data": None}
     else:
       state, extra = restored
       train_iter.set_state(extra["data"])
@@ -199,9 +199,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # --- The loop: the rules' due actions, a step, then the periodic actions when due. ---
     writer = reporting.MetricsWriter(workdir)
     cleanup.callback(writer.close)
-    progress = reporting.ProgressBar(total_steps, config.batch_size, enabled=config.progress_bar)
     history = actions.Bookkeeper.new_history(extra.get("history"))
-    timer = reporting.RunTimer(config.batch_size, history.get("timing"), on_pause=progress.exclude)
+    timer = reporting.RunTimer(config.batch_size, history.get("timing"))
+    progress = reporting.ProgressBar(total_steps, config.batch_size, enabled=config.progress_bar,
+                                     clock=timer.training_seconds)
     books = actions.Bookkeeper(workdir, writer, progress, keeper, history, info.num_classes, train_iter.get_state,
                                subset.eval_split)
     evaluate_every = steps_per_epoch * config.eval_every_epochs
@@ -224,8 +225,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         stop = workdir_guard.preemption_requested() or keeper.reached_preemption(step)
       epoch_end = trained and due(step, steps_per_epoch, total_steps)
       if epoch_end or due(step, config.checkpoint_every_steps) or stop:
-        jax.block_until_ready(state)       # the device work of the steps so far is training time
-        with timer.paused():               # evaluation, snapshots, checkpoints: not training time
+        # evaluation, snapshots, checkpoints: not training time; the queued steps are (the pause waits for them)
+        with timer.paused(sync=state):
           results = None
           if epoch_end and due(step, evaluate_every, total_steps):
             results = books.evaluate(lambda split: evaluate(state, split), step, step / steps_per_epoch)
@@ -271,6 +272,7 @@ def _summary(config, step: int, steps_per_epoch: int, timing: dict, history: dic
       "preempted": preempted,
       "eval_split": eval_split,
       "device": f"{jax.devices()[0].platform} {jax.devices()[0].device_kind} x {jax.device_count()}",
+      "environment": reporting.environment(),
       "rule_actions": {d.name: sum(s.get("reason") == d.name for s in history["snapshots"])
                        for d in (qat.actions if qat is not None else ())},
       "quantizers": {layer: {"bits": _layer_bits(report, layer), **values}

@@ -33,7 +33,7 @@ import os
 import shutil
 import signal
 import sys
-from typing import Any
+from typing import IO, Any
 
 import jax
 import numpy as np
@@ -167,7 +167,7 @@ def preemption_requested() -> bool:
     ``True`` after SIGTERM or a first Ctrl-C (one process), or once :func:`stop_requested` has
     returned ``True`` (every process alike).
   """
-  return _STOP["requested"] or _STOP["agreed"]
+  return bool(_STOP["requested"] or _STOP["agreed"])
 
 
 def ctrl_c_presses() -> int:
@@ -212,7 +212,7 @@ def stop_requested() -> bool:
   local = np.asarray(_preemption_noticed(), dtype=np.int32)
   if np.any(multihost_utils.process_allgather(local)):
     _STOP["agreed"] = True
-  return _STOP["agreed"]
+  return bool(_STOP["agreed"])
 
 
 # --- the lock ------------------------------------------------------------------------------------
@@ -230,7 +230,7 @@ class WorkdirLock:
   def __init__(self, workdir: str):
     """Prepares (does not take) the lock of ``workdir``."""
     self.workdir = workdir
-    self._file = None
+    self._file: IO[str] | None = None
 
   def acquire(self) -> "WorkdirLock":
     """Takes the lock, or raises :class:`WorkdirBusyError` naming the holder's pid.

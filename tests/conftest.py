@@ -3,6 +3,8 @@
 import os
 import tempfile
 
+import pytest
+
 from ewgs_jax import hostmem
 
 hostmem.tune()   # before jax starts its backend: XLA:CPU steps without per-call page faults
@@ -21,3 +23,30 @@ jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
 jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+# `make test` runs -m "not slow": say how many cases that left out and how to run them. Under xdist the
+# workers collect and deselect; each hands its list to the controller, which prints the line.
+_slow_deselected: set[str] = set()
+
+
+def pytest_deselected(items):
+  _slow_deselected.update(item.nodeid for item in items if item.get_closest_marker("slow"))
+
+
+def pytest_sessionfinish(session):
+  workeroutput = getattr(session.config, "workeroutput", None)   # set on an xdist worker only
+  if workeroutput is not None:
+    workeroutput["slow_deselected"] = sorted(_slow_deselected)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):   # xdist's controller, as each worker finishes
+  _slow_deselected.update(getattr(node, "workeroutput", {}).get("slow_deselected", []))
+
+
+def pytest_terminal_summary(terminalreporter):
+  n = len(_slow_deselected)
+  if n and "not slow" in (terminalreporter.config.getoption("markexpr") or ""):
+    terminalreporter.write_line(f"{n} slow test{'s' * (n != 1)} deselected (-m 'not slow'): run them with "
+                                f"`make test-all` (the whole suite) or `python -m pytest -m slow tests`")

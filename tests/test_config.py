@@ -12,6 +12,8 @@ from tests.training_configs import load_config
     ("quickstart", ["fp", "w2a2_ste", "w2a2_ewgs", "w2a2_pege"]),
     ("cifar10_resnet20", ["fp", "w2a2_ste", "w2a2_ewgs", "w2a2_ewgs_fixed", "w2a2_pege", "w1a1_ewgs", "w4a4_pege"]),
     ("imagenet_resnet18", ["fp", "w4a4_pege_pact", "w2a2_ewgs", "w1a32_ste"]),
+    ("fashion_mnist_resnet20", ["fp", "w2a2_ste", "w2a2_ewgs", "w2a2_ewgs_fixed", "w2a2_pege", "w1a1_ewgs",
+                                "w4a4_pege", "w1a32_ste"]),
 ])
 def test_shipped_configs_are_valid(name, variants):
   for variant in variants:

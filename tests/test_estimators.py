@@ -91,6 +91,109 @@ def test_the_kit_catches_a_wrong_rule():
     testing.assert_zero_factor_is_ste(lambda x, bits, mu: ewgs(x, bits, mu + 1.0), bits=2, factor_name="mu")
 
 
+# --- the kit catches broken rules, and passes correct ones at every bit width ----------------------
+
+
+def _custom_rule(forward, backward):
+  """A rule ``f(x, bits, factor)`` from ``forward(x, bits) -> (x_q, saved error)`` and ``backward(g, error, factor)``."""
+  def rule(x, bits, factor):
+    @jax.custom_vjp
+    def f(x):
+      return forward(x, bits)[0]
+
+    def fwd(x):
+      return forward(x, bits)
+
+    f.defvjp(fwd, lambda error, g: (backward(g, error, factor),))
+    return f(x)
+  return rule
+
+
+def _ties_away_from_zero(x, bits):   # floor(n x + 1/2): ties go up, away from zero for x >= 0
+  n = 2 ** bits - 1
+  error = jax.lax.stop_gradient(x - jnp.floor(x * n + 0.5) / n)
+  return x - error, error
+
+
+def _no_ste_derivative(x, bits):     # x_q from a plain round: its derivative is 0, not 1
+  return estimators.round_to_grid(x, bits), jax.lax.stop_gradient(x - estimators.round_to_grid(x, bits))
+
+
+def _error_moves_with_x(x, bits):    # the saved error is x - round(x): its derivative is 1, not 0
+  error = x - estimators.round_to_grid(x, bits)
+  return x - jax.lax.stop_gradient(error), error
+
+
+def _error_in_other_float32_steps(x, bits):   # the same error as (n x - round(n x)) / n: correct, not bit-equal
+  n = 2 ** bits - 1
+  q, _ = estimators.rounding(x, bits)
+  return q, jax.lax.stop_gradient((x * n - jnp.round(x * n)) / n)
+
+
+EWGS_BACKWARD = lambda g, error, delta: g * (1 + delta * jnp.sign(g) * error)
+STE_BACKWARD = lambda g, error, factor: g
+PEGE_BACKWARD = lambda g, error, mu: g + mu * error
+
+
+def _failing_rule_tests(rule, **attributes):
+  """Runs the kit's RuleTestCase on ``rule``; returns the names of the tests that failed."""
+  import unittest
+  case = type("Case", (testing.RuleTestCase,), {"discretizer": staticmethod(rule), **attributes})
+  result = unittest.TestResult()
+  unittest.defaultTestLoader.loadTestsFromTestCase(case).run(result)
+  assert result.testsRun >= 4
+  return sorted({test.id().rsplit(".", 1)[1] for test, _ in result.failures + result.errors})
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_the_kits_rounding_ties_are_exact_in_float32(bits):
+  n = 2 ** bits - 1
+  ties = np.asarray(latent_inputs(bits))[-n:]
+  np.testing.assert_array_equal(ties * np.float32(n), np.arange(n, dtype=np.float32) + np.float32(0.5))
+
+
+@pytest.mark.parametrize("backward, formula", [(STE_BACKWARD, STE_FORMULA), (EWGS_BACKWARD, EWGS_FORMULA)])
+def test_the_kit_catches_a_forward_that_rounds_ties_away_from_zero(backward, formula):
+  away = _custom_rule(_ties_away_from_zero, backward)
+  for bits in (1, 2, 8):   # STE's backward does not see the forward: the VJP check checks the forward too
+    with pytest.raises(AssertionError, match="round half to even"):
+      testing.assert_vjp_equals(away, formula, bits=bits, factor=0.37, factor_name="factor")
+  failing = _failing_rule_tests(functools.partial(away, factor=0.37), symmetric=backward is STE_BACKWARD)
+  assert failing == ["test_forward_rounds_half_to_even"]
+  half_to_even = _custom_rule(lambda x, bits: estimators.rounding(x, bits), backward)
+  testing.assert_vjp_equals(half_to_even, formula, bits=8, factor=0.37, factor_name="factor")
+
+
+@pytest.mark.parametrize("forward", [_no_ste_derivative, _error_moves_with_x])
+def test_the_kit_catches_second_order_terms_that_do_not_follow_ste(forward):
+  broken = _custom_rule(forward, EWGS_BACKWARD)
+  testing.assert_vjp_equals(broken, EWGS_FORMULA, bits=2, factor=0.6, factor_name="factor")   # first order: fine
+  with pytest.raises(AssertionError, match="do not follow STE"):
+    testing.assert_second_order_follows_ste(functools.partial(broken, factor=0.6), bits=2)
+  assert "test_second_order_follows_ste" in _failing_rule_tests(functools.partial(broken, factor=0.6))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("mu", [1.0, 10.0, 100.0])
+def test_a_correct_rule_passes_at_every_bit_width_and_tolerances_can_be_overridden(bits, mu):
+  # its rounding error is exact to a few float32 ulps of x: relative to the grid step, 2^b - 1 times more
+  rule = _custom_rule(_error_in_other_float32_steps, PEGE_BACKWARD)
+  testing.assert_vjp_equals(rule, PEGE_FORMULA, bits=bits, factor=mu, factor_name="factor")
+  if mu == 100.0:
+    with pytest.raises(AssertionError, match="the VJP"):   # bit for bit, it is not
+      testing.assert_vjp_equals(rule, PEGE_FORMULA, bits=bits, factor=mu, factor_name="factor", rtol=0, atol=0,
+                                error_ulps=0)
+
+
+def test_rule_test_case_tolerances_grow_with_the_bits_and_can_be_set():
+  assert testing.tolerances(8)[1] == pytest.approx(255 / 3 * testing.tolerances(2)[1])
+  assert testing.tolerances(2, scale=10.0)[1] == pytest.approx(10 * testing.tolerances(2)[1])
+  rule = functools.partial(_custom_rule(_error_in_other_float32_steps, PEGE_BACKWARD), factor=10.0)
+  assert _failing_rule_tests(rule) == []
+  # a tolerance of 0 is taken as given: the two second-order modes differ in the last bits
+  assert "test_second_order_modes_agree" in _failing_rule_tests(rule, rtol=0.0, atol=0.0)
+
+
 def test_rule_scales_down_when_latent_is_ahead():
   # EWGS Fig. 2: x_n below x_q and a negative gradient (update pushes x up): scale > 1; positive: < 1.
   x = jnp.asarray([0.30])  # 2 bits: x_q = 1/3, x_n - x_q < 0

@@ -3,6 +3,7 @@
 import functools
 import math
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -293,9 +294,24 @@ def test_context_reaches_only_the_layers_whose_rule_reads_it(images):
 
   g0, g5 = kernel_grads(0.0), kernel_grads(5.0)
   assert not np.allclose(g0["conv_b"]["kernel"], g5["conv_b"]["kernel"])   # mu acts on the pege layer
-  for layer in ("conv_a", "fc"):                                          # and on no other
-    assert layer in g0
-  np.testing.assert_array_equal(g0["fc"]["kernel"], g5["fc"]["kernel"])
+  np.testing.assert_array_equal(g0["fc"]["kernel"], g5["fc"]["kernel"])    # downstream of it: untouched
+
+  def own_grads(layer, mu):
+    """A layer's gradients from a loss on its own output: they pass through its own rules only."""
+    ctx = pege_context(mu=mu)
+
+    def loss(p):
+      out = model.apply({**v, "params": p}, images, ctx=ctx, capture_intermediates=True)[1]["intermediates"]
+      return jnp.sum(out[layer]["__call__"][0] ** 2)
+
+    return jax.grad(loss)(v["params"])[layer]
+
+  # conv_a (ewgs) and fc (ste) ignore mu: every gradient of theirs (kernel, bounds, alpha) is unchanged;
+  # conv_b (pege) reads it (upstream of conv_b, conv_a's full-loss gradients change through conv_b's rule)
+  for layer in ("conv_a", "fc"):
+    chex.assert_trees_all_equal(own_grads(layer, 0.0), own_grads(layer, 5.0))
+  changed = jax.tree.map(lambda a, b: not np.allclose(a, b), own_grads("conv_b", 0.0), own_grads("conv_b", 5.0))
+  assert changed["kernel"], changed
 
 
 def test_a_user_registered_rule_runs_in_the_layers(images):

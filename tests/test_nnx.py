@@ -26,9 +26,9 @@ class Net(nnx.Module):
 
 
 def linen_variables(layer):
-  flat = dict(nnx.state(layer).flat_state())
-  params = {k[0]: v.value for k, v in flat.items() if isinstance(v, nnx.Param)}
-  deltas = {k[0]: v.value for k, v in flat.items() if k[0].startswith("delta_")}
+  flat = dict(nnx.to_flat_state(nnx.state(layer)))
+  params = {k[0]: v.get_value() for k, v in flat.items() if isinstance(v, nnx.Param)}
+  deltas = {k[0]: v.get_value() for k, v in flat.items() if k[0].startswith("delta_")}
   return {"params": params, "quant_state": deltas}
 
 
@@ -49,15 +49,15 @@ def test_nnx_model_with_quantized_layers_matches_linen():
   loss, grads = nnx.value_and_grad(lambda m: jnp.sum(m(x, ctx) ** 2))(model)
   linen_value, (g_conv, g_fc) = jax.value_and_grad(linen_loss)((conv_vars["params"], fc_vars["params"]))
   np.testing.assert_allclose(loss, linen_value, rtol=1e-5)
-  nnx_grads = {k: v.value for k, v in grads["conv"].flat_state()}
+  nnx_grads = {k: v.get_value() for k, v in nnx.to_flat_state(grads["conv"])}
   for name, value in g_conv.items():
     np.testing.assert_allclose(nnx_grads[(name,)], value, rtol=1e-4, atol=1e-7)
   assert float(jnp.abs(g_fc["q_a_upper"])) > 0
 
   # one SGD step on the NNX model changes its quantizer parameters
-  before = float(model.conv.q_a_upper.value)
+  before = float(model.conv.q_a_upper.get_value())
   nnx.update(model, jax.tree.map(lambda p, g: p - 0.1 * g, nnx.state(model, nnx.Param), grads))
-  assert float(model.conv.q_a_upper.value) != before
+  assert float(model.conv.q_a_upper.get_value()) != before
 
 
 EWGS = QuantConfig(weight=QuantizerSpec("interval", "ewgs", 2), act=QuantizerSpec("interval", "ewgs", 2),
@@ -79,11 +79,11 @@ def test_nnx_model_initialised_at_batch_8_trains_and_refreshes_delta_at_batch_32
 
   qat = ej.QAT(EWGS, total_steps=4, steps_per_epoch=2)
   grads = nnx.grad(lambda m: loss(m, big, qat.context(0)))(model)        # a gradient at batch 32
-  assert float(jnp.abs(dict(grads["conv"].flat_state())[("q_a_upper",)].value)) > 0
-  assert float(model.conv.delta_w.value) == 0.0
+  assert float(jnp.abs(dict(nnx.to_flat_state(grads["conv"]))[("q_a_upper",)].get_value())) > 0
+  assert float(model.conv.delta_w.get_value()) == 0.0
   same, metrics = qat.run_due(2, model, loss, [big])                      # the refresh at batch 32
   assert same is model and metrics["ewgs/delta_refresh"] == 1.0
-  deltas = [float(layer.delta_w.value) for layer in (model.conv, model.fc)] + \
-           [float(layer.delta_a.value) for layer in (model.conv, model.fc)]
+  deltas = [float(layer.delta_w.get_value()) for layer in (model.conv, model.fc)] + \
+           [float(layer.delta_a.get_value()) for layer in (model.conv, model.fc)]
   assert all(d >= 0 for d in deltas) and any(d > 0 for d in deltas)
   assert np.isfinite(float(loss(model, big)))

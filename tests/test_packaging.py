@@ -119,11 +119,45 @@ def test_a_missing_extra_stops_training_with_one_line_naming_it(tmp_path):
       "install it with `pip install 'ewgs_jax[demo]'` (or `pip install scikit-learn`)"]
 
 
+# README "Install": the package is on no index; these are the commands it gives to build and install
+# the wheel (the slow test below runs them).
+README_WHEEL = "pip wheel --no-deps -w dist ."
+README_INSTALL = "pip install --find-links dist 'ewgs_jax[demo,plots]'"
+
+
+def test_readme_install_says_how_to_install_from_a_checkout_or_a_wheel():
+  section = (ROOT / "README.md").read_text().split("## Install", 1)[1].split("\n## ", 1)[0]
+  commands = section.split("```bash\n", 1)[1].split("```", 1)[0]
+  assert "pip install -e '.[demo,plots]'" in commands
+  assert README_WHEEL in commands and README_INSTALL in commands
+  assert "pip install 'ewgs_jax" not in commands   # it is on no index: that command fails for everyone
+
+
+def test_one_version_source():
+  import ewgs_jax
+  assert "version" not in PYPROJECT and PYPROJECT["dynamic"] == ["version"]
+  build = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["dynamic"]
+  assert build["version"] == {"attr": "ewgs_jax.__version__"}
+  assert f"## {ewgs_jax.__version__}" in (ROOT / "CHANGELOG.md").read_text()
+
+
 @pytest.mark.slow
 def test_the_wheel_ships_configs_console_scripts_types_and_license(tmp_path):
-  subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path), str(ROOT)],
-                 check=True, timeout=600)
-  (wheel,) = tmp_path.glob("ewgs_jax-*.whl")
+  dist = tmp_path / "dist"
+  command = README_WHEEL.split()   # pip wheel --no-deps -w dist . (here: dist in tmp_path, . the checkout)
+  subprocess.run([sys.executable, "-m", *command[:-2], str(dist), str(ROOT), "--quiet"], check=True, timeout=600)
+  (wheel,) = dist.glob("ewgs_jax-*.whl")
+  # README's install from it (--find-links dist), offline and without dependencies, into a directory
+  site = tmp_path / "site"
+  subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--find-links",
+                  str(dist), "--target", str(site), "ewgs_jax"], check=True, timeout=600)
+  out = subprocess.run([sys.executable, "-c", "import importlib.metadata as m, ewgs_jax; "
+                        "print(ewgs_jax.__file__, ewgs_jax.__version__, m.version('ewgs_jax'))"],
+                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True, text=True,
+                       timeout=300, check=True).stdout.split()
+  import ewgs_jax
+  assert out[0].startswith(str(site)), out                                  # the installed copy, not the checkout
+  assert out[1] == out[2] == ewgs_jax.__version__ and f"-{out[1]}-" in wheel.name, (out, wheel.name)
   names = zipfile.ZipFile(wheel).namelist()
   for config in ("cifar10_resnet20", "fashion_mnist_resnet20", "imagenet_resnet18", "quickstart"):
     assert f"ewgs_jax/configs/{config}.py" in names

@@ -109,7 +109,7 @@ def test_readme_own_loop_example_refreshes_delta_and_runs_pege():
   # the NNX example continues from the same namespace
   exec(compile(block_with("nnx.bridge.ToNNX(QuantConv(16"), "README.md", "exec"), namespace)
   net = namespace["net"]
-  assert float(net.conv.delta_a.value) > 0 or float(net.conv.delta_w.value) > 0   # refreshed in place, at batch 32
+  assert float(net.conv.delta_a.get_value()) > 0 or float(net.conv.delta_w.get_value()) > 0   # refreshed in place, at batch 32
   assert np.isfinite(float(namespace["nnx_loss"](net, namespace["data"][0])))
 
 

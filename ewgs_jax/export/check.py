@@ -55,15 +55,18 @@ def compare_on_split(integer_forward: Callable, fake_forward: Callable, config, 
   """
   subset = data.Split(validation=config.validation_examples, train_limit=config.train_examples)
   split = split or subset.eval_split
-  fake_all, int_all, labels, masks = [], [], [], []
+  fake_all: list[np.ndarray] = []
+  int_all: list[np.ndarray] = []
+  labels: list[np.ndarray] = []
+  masks: list[np.ndarray] = []
   for batch in data.make_eval_iterator(config.dataset, global_batch_size=config.eval_batch_size, split=split,
                                        data_dir=config.data_dir, subset=subset, process_index=0, process_count=1):
     fake_all.append(np.asarray(jax.device_get(fake_forward(batch["image"]))))
     int_all.append(np.asarray(jax.device_get(integer_forward(batch["image"]))))
     labels.append(batch["label"])
     masks.append(batch["mask"] > 0)
-  fake, integer, labels, mask = (np.concatenate(a) for a in (fake_all, int_all, labels, masks))
+  fake, integer, label, mask = (np.concatenate(a) for a in (fake_all, int_all, labels, masks))
   result = {"split": split, **logit_agreement(fake, integer, mask)}
-  result["accuracy"] = float((integer.argmax(-1) == labels)[mask].mean())
-  result["fake_quant_accuracy"] = float((fake.argmax(-1) == labels)[mask].mean())
+  result["accuracy"] = float((integer.argmax(-1) == label)[mask].mean())
+  result["fake_quant_accuracy"] = float((fake.argmax(-1) == label)[mask].mean())
   return result

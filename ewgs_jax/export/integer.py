@@ -248,13 +248,14 @@ def accumulator_bound(contraction: int, act_bits: int | None, levels: np.ndarray
 
   Args:
     contraction: how many products each output sums (``kh * kw * C / groups``, or the input size).
-    act_bits: the activation codes' bit width.
+    act_bits: the activation codes' bit width (``None``: counted as 1).
     levels: the weight levels.
 
   Returns:
     The bound; the layer is exact in int32 when it is at most ``2^31 - 1``.
   """
-  return int(contraction) * (2 ** act_bits - 1) * int(np.abs(levels).max(initial=0))
+  codes = 1 if act_bits is None else 2 ** act_bits - 1   # full-precision inputs: bounded by the caller
+  return int(contraction) * codes * int(np.abs(levels).max(initial=0))
 
 
 def operand_dtype(*max_abs: int):

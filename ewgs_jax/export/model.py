@@ -60,6 +60,7 @@ class _Layer:
 
 
 def _path(module: nn.Module) -> str:
+  assert module.scope is not None, "captured layers are bound"
   return "/".join(module.scope.path)
 
 
@@ -214,8 +215,9 @@ def _prepare(layer: _Layer, quantities: Mapping[str, Any]) -> tuple[dict[str, np
   meta: dict[str, Any] = {"op": layer.op, "op_params": layer.op_params, "dtype": jnp.dtype(layer.dtype).name,
                           "folded_bn": layer.folded_bn}
   # |alpha|: a scalar, or one per output channel with per-channel weights
-  alpha = np.abs(np.asarray(params[names.OUTPUT_SCALE], np.float64)) if names.OUTPUT_SCALE in params else np.float64(1)
-  scale = alpha
+  alpha: np.ndarray = (np.abs(np.asarray(params[names.OUTPUT_SCALE], np.float64)) if names.OUTPUT_SCALE in params
+                       else np.asarray(1.0, np.float64))
+  scale: np.ndarray = alpha
   kernel = params["kernel"]
   if setting.weight.active:
     w = integer.weight_levels(setting.weight.method, kernel, _quantizer_params(params, "w"), setting.weight.bits,
@@ -411,8 +413,12 @@ def integer_model(run_or_variables, config=None, *, model: nn.Module | None = No
     info = data.get_dataset_info(config["dataset"], data_dir=config.get("data_dir"))
   if model is None:
     from ewgs_jax import training
+    assert info is not None
     model = training.build_model(_config_dict(config), info.num_classes)
-  image_shape = tuple(image_shape or info.image_shape)
+  if image_shape is None:
+    assert info is not None
+    image_shape = info.image_shape
+  image_shape = tuple(image_shape)
   return _export(model, variables, image_shape, apply_kwargs, platforms, source=source, info=info, config=config)
 
 

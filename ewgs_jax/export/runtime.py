@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -89,7 +90,8 @@ class IntegerModel:
       raise ValueError(f"array names {sorted(clash)} are reserved")
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
-      np.savez(f, **entries, **self.arrays)
+      arrays: dict[str, Any] = {**entries, **self.arrays}
+      np.savez(f, **arrays)
     os.replace(tmp, path)
     return os.path.getsize(path)
 

@@ -129,7 +129,7 @@ class DeltaRefresh:
     quantizers = hessian.find_quantizers(inp.loss_fn, inp.state, batches[0], rule=NAME)
     previous = hessian.read_leaves(inp.state, quantizers)
     if s["mode"] == "fixed":
-      new = {leaf: float(s["fixed_value"]) for leaf in previous}
+      new: dict[int, float] = {leaf: float(s["fixed_value"]) for leaf in previous}
     else:
       estimate = self._estimate(inp.loss_fn, inp.state, batches[0], quantizers)
       per_batch: dict[int, list[float]] = {leaf: [] for leaf in previous}
@@ -138,13 +138,14 @@ class DeltaRefresh:
           return None, {}
         traces, sigmas, _ = jax.device_get(estimate(inp.state, batch, jax.random.fold_in(inp.key, i)))
         for q, trace, sigma in zip(quantizers.ordered, traces, sigmas):
-          per_batch[q.leaf].append(float(hessian.delta_from_trace(trace, sigma)))
+          if q.leaf is not None:   # every quantizer of this rule reads a leaf (find_quantizers checks)
+            per_batch[q.leaf].append(float(hessian.delta_from_trace(trace, sigma)))
       new = {leaf: hessian.combine_batches(values, previous[leaf], quantizers.leaf_names[leaf])
              for leaf, values in per_batch.items()}
     state = hessian.write_leaves(inp.state, new)
     metrics = {}
     for kind in names.KINDS:
-      values = [new[q.leaf] for q in quantizers.ordered if q.path[-1] == names.probe_name(kind)]
+      values = [new[q.leaf] for q in quantizers.ordered if q.leaf is not None and q.path[-1] == names.probe_name(kind)]
       if values:
         metrics[names.delta_name(kind)] = float(np.mean(values))
     return state, metrics
