@@ -144,6 +144,23 @@ def probing(mode: str, probes: Sequence[Any] = (), select: frozenset[int] | None
     _PROBING.reset(token)
 
 
+@contextlib.contextmanager
+def suspended() -> Iterator[None]:
+  """No recording and no probing inside the block, whatever encloses it: for a library's own inner
+  traces (e.g. :func:`ewgs_jax.quantize` tracing a model to find its first and last layers) that
+  must not count as calls of the traced function.
+
+  Yields:
+    Nothing.
+  """
+  recorders, probing_state = _RECORDERS.set(()), _PROBING.set(None)
+  try:
+    yield
+  finally:
+    _PROBING.reset(probing_state)
+    _RECORDERS.reset(recorders)
+
+
 def probe(path: Sequence[str], rule: str, x_q: Any, state: Any = None) -> Any:
   """Called by every quantizer on its discrete output: ``x_q`` itself outside :func:`probing`.
 

@@ -147,7 +147,7 @@ class QuantizedModel:
         with quantizing(self.quant):
           return self.model.init(jax.random.key(0), *full, **kwargs)
 
-      with hooks.recording() as calls:
+      with hooks.suspended(), hooks.recording() as calls:   # an inner trace: not a call the caller records
         jax.eval_shape(init, *[args[i] for i in arrays])
       paths = [p for p in LayerReport.of(calls).paths]
       ends = {"first": paths[0], "last": paths[-1]} if paths else {}

@@ -160,3 +160,26 @@ def test_the_context_manager_quantizes_any_call(images):
     quantized = Plain().apply(v, images)
   assert not np.allclose(plain, quantized)
   np.testing.assert_allclose(Plain().apply(variables, images), plain)   # outside: untouched
+
+
+def test_the_delta_refresh_works_before_the_model_was_ever_applied(images):
+  """ej.quantize finds the first and last layers with an inner trace of its own; inside the Hessian's
+  record pass that trace must not count as the caller's quantizers (it read no delta from the state)."""
+  ewgs = QuantConfig(weight=QuantizerSpec("interval", "ewgs", 2), act=QuantizerSpec("interval", "ewgs", 2),
+                     settings={"ewgs": {"every_epochs": 1, "num_batches": 1, "max_samples": 3}})
+
+  class Deeper(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for features in (4, 6, 6):
+        x = nn.relu(nn.Conv(features, (3, 3))(x))
+      return nn.Dense(3)(jnp.mean(x, (1, 2)))
+
+  model = ej.quantize(Deeper(), ewgs)
+  v = model.init(jax.random.key(0), images)
+  fresh = ej.quantize(Deeper(), ewgs)           # a new object: no call of it has been traced yet
+  batch = (images, jnp.asarray([0, 1, 2, 1]))
+  loss = lambda variables, b: jnp.mean(fresh.apply(variables, b[0]) ** 2 * (1 + b[1][:, None]))
+  new, metrics = ej.QAT(ewgs, total_steps=4, steps_per_epoch=2).run_due(2, v, loss, [batch])
+  assert metrics["ewgs/delta_refresh"] == 1.0
+  assert set(new["quant_state"]) == {"Conv_1", "Conv_2"}      # the first and last layers stay full precision
