@@ -160,7 +160,7 @@ def task_loss(logits, labels):
   return cross_entropy(logits, labels)[0]
 
 
-def make_steps(model, tx, config, mesh, total_steps: int, rules_in_use):
+def make_steps(model, tx, config, mesh, total_steps: int, rules_in_use, prepare=None):
   """Jitted train and eval steps.
 
   The per-step context (mu_T, p_T, the replacement key) follows the rules the layers resolve to
@@ -173,6 +173,9 @@ def make_steps(model, tx, config, mesh, total_steps: int, rules_in_use):
     mesh: the device mesh.
     total_steps: the run's length (the schedules' ramps are fractions of it).
     rules_in_use: names of the backward rules some layer of ``model`` resolves to.
+    prepare: ``prepare(batch, train=...)`` run first in each step, on the device: the input
+      pipeline's :func:`ewgs_jax.data.device_transform` (uint8 -> augmented, normalised float);
+      ``None`` for batches that are already float.
 
   Returns:
     ``(train_step(state, batch, key) -> (state, metrics), eval_step(state, batch) -> sums)``.
@@ -182,6 +185,8 @@ def make_steps(model, tx, config, mesh, total_steps: int, rules_in_use):
   replaces = any(estimators.get_rule(name).replacement for name in rules_in_use)
 
   def train_step(state: TrainState, batch, key):
+    if prepare is not None:
+      batch = prepare(batch, train=True)
     rate, mu = rate_fn(state.step), mu_fn(state.step)
     ctx = layers.QuantContext(mu=mu, rate=rate, key=jax.random.fold_in(key, state.step) if replaces else None)
 
@@ -202,6 +207,8 @@ def make_steps(model, tx, config, mesh, total_steps: int, rules_in_use):
     return state, metrics
 
   def eval_step(state: TrainState, batch):
+    if prepare is not None:
+      batch = prepare(batch, train=False)
     logits = model.apply(state.variables(), batch["image"], train=False)
     loss_sum, correct = cross_entropy(logits, batch["label"], batch["mask"])
     return {"loss_sum": loss_sum, "correct": correct, "count": batch["mask"].sum()}
@@ -318,8 +325,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
                                    ignore=("init_from",) if has_copy else ())
   checkpoints.install_preemption_handler()
   cleanup.callback(checkpoints.uninstall_preemption_handler)
-  info = data.get_dataset_info(config.dataset, data_dir=config.data_dir)
   subset = data.Split(validation=config.validation_examples, train_limit=config.train_examples)
+  info = data.check_splits(config.dataset, config.data_dir, subset)   # every split the run reads, now
+  prepare = data.device_transform(data.device_spec(info, augment=config.augment))   # uint8 -> float, on device
+  prepare_batch = jax.jit(prepare, static_argnames="train")
 
   def train_iterator(batch_size, seed):
     return data.make_train_iterator(config.dataset, global_batch_size=batch_size, seed=seed,
@@ -327,12 +336,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
                                     workers=config.data_workers, subset=subset)
 
   train_iter = train_iterator(config.batch_size, config.seed)
+  cleanup.callback(train_iter.close)
   steps_per_epoch = train_iter.steps_per_epoch
   total_steps = steps_per_epoch * config.num_epochs
   if config.num_train_steps > 0:
     total_steps = min(total_steps, config.num_train_steps)
   model = build_model(config, info.num_classes)
-  first_batch = parallel.shard_batch(train_iterator(config.batch_size, config.seed).batch_at(0, 0), mesh)
+  first_batch = prepare_batch(parallel.shard_batch(train_iter.batch_at(0, 0), mesh), train=True)
   initialization.check_rules(model, first_batch["image"])
   rules_in_use = initialization.rules_in_use(model, first_batch["image"])
   if refreshes_deltas(rules_in_use) and config.delta.mode == "hessian":
@@ -340,7 +350,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
   resuming = bool(checkpoints.committed_steps(workdir))
   fp_variables = None if resuming else warm_start_source(config, workdir)
   tx = make_optimizer(config, total_steps)
-  train_step, eval_step = make_steps(model, tx, config, mesh, total_steps, rules_in_use)
+  train_step, eval_step = make_steps(model, tx, config, mesh, total_steps, rules_in_use, prepare)
   replicated = parallel.replicated(mesh)
   init_key, step_key, delta_key = jax.random.split(jax.random.key(config.seed), 3)
   if config.pege.rng_impl != "threefry2x32":   # replacement masks from a cheaper PRNG (one per element per step)
@@ -385,7 +395,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
   def refresh_deltas(state, step):
     """Fresh batches (the first ``num_batches`` of a new pass, as the reference) -> new deltas."""
     delta_iter = train_iterator(config.delta.batch_size, config.seed + 1 + step)
-    batches = [parallel.shard_batch(delta_iter.batch_at(0, i), mesh) for i in range(config.delta.num_batches)]
+    batches = [prepare_batch(parallel.shard_batch(delta_iter.batch_at(0, i), mesh), train=True)
+               for i in range(config.delta.num_batches)]
     quant_state, _ = policy.refresh(estimator, state.variables(), batches, jax.random.fold_in(delta_key, step))
     return state.replace(quant_state=parallel.replicate(quant_state, mesh))
 
@@ -429,7 +440,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, cleanup
   def evaluate(state, split: str = subset.eval_split) -> dict:
     totals = np.zeros(3)
     for batch in data.make_eval_iterator(config.dataset, global_batch_size=config.eval_batch_size, split=split,
-                                         data_dir=config.data_dir, subset=subset):
+                                         data_dir=config.data_dir, subset=subset, workers=config.data_workers):
       out = jax.device_get(eval_step(state, parallel.shard_batch(batch, mesh)))
       totals += [out["loss_sum"], out["correct"], out["count"]]
     return {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2]}
