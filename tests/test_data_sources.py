@@ -227,3 +227,18 @@ def test_bad_npz_data_is_refused_naming_the_array_and_index(tmp_path, changes, p
 def test_npz_num_classes_declares_classes_beyond_the_labels(tmp_path):
   info = data.check_splits(_npz(tmp_path, num_classes=7))
   assert info.num_classes == 7
+
+
+def test_bad_data_on_the_command_line_is_one_line_before_compiling(tmp_path):
+  import os
+  import subprocess
+  import sys
+  from tests.training_configs import ROOT
+  name = _npz(tmp_path, y_train=np.full(20, -1))
+  command = [sys.executable, "-m", "ewgs_jax.train", "--config", "quickstart", "--workdir", str(tmp_path / "run"),
+             f"--config.dataset={name}"]
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+      f"error: npz dataset {name[4:]!r}: y_train[0] = -1 is negative; labels are 0..num_classes-1"], out.stderr
+  assert not (tmp_path / "run" / "checkpoints").exists()
