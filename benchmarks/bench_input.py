@@ -293,7 +293,8 @@ def main():
         f"({imagenet['batch_bytes_per_image']:.0f} with label and position)", flush=True)
 
   cifar = cifar_rates(args)
-  print(f"cifar shapes (50,000x32x32x3 uint8, batch 256): {cifar['img_s']:.0f} img/s, {cifar['image_bytes']} bytes/image "
+  print(f"cifar shapes (50,000x32x32x3 uint8, batch 256): {cifar['img_s']:.0f} img/s, {cifar['image_bytes']} "
+        "bytes/image "
         f"({cifar['batch_bytes_per_image']:.0f} with label and position); the old host work alone (float32 crop, flip, "
         f"normalise): {cifar['old_host_float_img_s']:.0f} img/s at {cifar['old_image_bytes']} bytes/image; the device "
         f"transform of a batch: {cifar['device_transform_ms']:.2f} ms here", flush=True)
@@ -305,7 +306,8 @@ def main():
             "imagenet_pool_by_workers": {str(k): round(v, 1) for k, v in imagenet["pool"].items()},
             "imagenet_threads_by_workers": {str(k): round(v, 1) for k, v in imagenet["threads"].items()},
             "imagenet_bytes_per_image": imagenet["image_bytes"], "cifar_img_s": round(cifar["img_s"]),
-            "cifar_bytes_per_image": cifar["image_bytes"], "cifar_old_host_float_img_s": round(cifar["old_host_float_img_s"]),
+            "cifar_bytes_per_image": cifar["image_bytes"],
+            "cifar_old_host_float_img_s": round(cifar["old_host_float_img_s"]),
             "cores": cores, "load_average": round(os.getloadavg()[0], 2)}
   if not args.skip_steps:
     r20 = args.r20_batch or (64 if cpu else 256)

@@ -84,7 +84,8 @@ def test_idx_files_equal_the_old_images(tmp_path):
 @pytest.mark.parametrize("dtype", ["uint8", "float32"])
 def test_npz_arrays_equal_the_old_images(tmp_path, dtype):
   rng = np.random.default_rng(0)
-  x_train, x_test = rng.integers(0, 256, (30, 6, 6, 3)).astype(np.uint8), rng.integers(0, 256, (9, 6, 6, 3)).astype(np.uint8)
+  x_train = rng.integers(0, 256, (30, 6, 6, 3)).astype(np.uint8)
+  x_test = rng.integers(0, 256, (9, 6, 6, 3)).astype(np.uint8)
   if dtype == "float32":
     x_train, x_test = x_train / np.float32(255), x_test / np.float32(255)
   path = tmp_path / "mine.npz"
@@ -145,9 +146,11 @@ def test_crops_are_windows_of_the_padded_image_and_flips_mirror_them():
   padded = np.pad(images / np.float32(255), ((0, 0), (2, 2), (2, 2), (0, 0)))
   shifts, flips = set(), 0
   for i in range(64):
+    def window(dy, dx, flip):
+      crop = padded[i, dy:dy + 6, dx:dx + 6]
+      return crop[:, ::-1] if flip else crop
     windows = [(dy, dx, f) for dy in range(5) for dx in range(5) for f in (False, True)
-               if np.allclose(out[i], padded[i, dy:dy + 6, dx:dx + 6][:, ::-1] if f else padded[i, dy:dy + 6, dx:dx + 6],
-                              rtol=1e-6, atol=0)]
+               if np.allclose(out[i], window(dy, dx, f), rtol=1e-6, atol=0)]
     assert windows, f"row {i} is not a window of its padded image"
     shifts.add(windows[0][:2])
     flips += windows[0][2]
@@ -193,7 +196,8 @@ mesh = parallel.make_mesh()
 sharded = jax.jit(prepare, static_argnames="train")(parallel.shard_batch(batch, mesh), train=True)
 single = jax.jit(prepare, static_argnames="train")(batch, train=True)
 hlo = jax.jit(prepare, static_argnames="train").lower(parallel.shard_batch(batch, mesh), train=True).compile().as_text()
-print(json.dumps({"devices": jax.device_count(), "sharding": str(sharded["image"].sharding.spec).replace("PartitionSpec", "P"),
+spec = str(sharded["image"].sharding.spec).replace("PartitionSpec", "P")
+print(json.dumps({"devices": jax.device_count(), "sharding": spec,
                   "equal": bool(np.array_equal(np.asarray(sharded["image"]), np.asarray(single["image"]))),
                   "all_gather": "all-gather" in hlo}))
 """

@@ -3,7 +3,6 @@ as the loader's state, and failures (a corrupt JPEG, a dying worker, a wrong sha
 
 import io
 import os
-import signal
 import subprocess
 import sys
 import textwrap

@@ -92,7 +92,8 @@ class TrainBatches:
     if not self.info.per_image_host_work:
       batch = host.stack_images(images, self.info, where, indices)
     elif self.augment:   # per-image randomness keyed by the row's global position
-      batch = host.imagenet_batch(images, [host.row_rng(self.seed, epoch, step, r) for r in global_rows], where, indices)
+      rngs = [host.row_rng(self.seed, epoch, step, r) for r in global_rows]
+      batch = host.imagenet_batch(images, rngs, where, indices)
     else:
       batch = host.imagenet_batch(images, None, where, indices)
     position = np.empty((len(indices), 4), POSITION_DTYPE)
