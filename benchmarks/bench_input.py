@@ -114,19 +114,16 @@ def old_cifar_host_transform(batch: np.ndarray, rng: np.random.Generator) -> np.
   return (x - np.asarray(CIFAR.mean, np.float32)) / np.asarray(CIFAR.std, np.float32)
 
 
-def serial_rate(jpegs: list[bytes], new: bool, repeats: int = 2) -> float:
-  """Images per second of the per-image work alone on one core (best of ``repeats`` passes)."""
-  best = float("inf")
-  for r in range(repeats):
-    start = time.perf_counter()
-    for i, encoded in enumerate(jpegs):
-      rng = host.row_rng(0, r, 0, i)
-      if new:
-        host.random_resized_crop(encoded, rng)
-      else:
-        old_imagenet_train(np.asarray(Image.open(io.BytesIO(encoded))), rng)   # tfds's PIL decode, then crop
-    best = min(best, time.perf_counter() - start)
-  return len(jpegs) / best
+def serial_rate(jpegs: list[bytes], new: bool, pass_index: int) -> float:
+  """Images per second of the per-image work alone, in this process (one core), over one pass."""
+  start = time.perf_counter()
+  for i, encoded in enumerate(jpegs):
+    rng = host.row_rng(0, pass_index, 0, i)
+    if new:
+      host.random_resized_crop(encoded, rng)
+    else:
+      old_imagenet_train(np.asarray(Image.open(io.BytesIO(encoded))), rng)   # tfds's PIL decode, then crop
+  return len(jpegs) / (time.perf_counter() - start)
 
 
 def drafted_fraction(jpegs: list[bytes]) -> float:
@@ -145,19 +142,25 @@ def drafted_fraction(jpegs: list[bytes]) -> float:
 
 
 def consume(batches, warmup: int, count: int) -> tuple[float, dict]:
-  """Images per second over ``count`` batches after ``warmup`` batches.
+  """Images per second over ``count`` batches after ``warmup`` batches and a drain.
 
-  The warm-up covers worker start-up and drains what the workers had buffered meanwhile, so that
-  the timed batches are produced while the consumer waits (it takes each batch at once).
+  The drain takes what the loader buffered while nobody consumed (grain keeps several batches per
+  worker) until a batch has to be waited for; from then on the timed batches are produced while the
+  consumer waits (it takes each batch at once), so the rate is the loader's steady production.
   """
   for _ in range(warmup):
     batch = next(batches)
+  for _ in range(256):
+    start = time.perf_counter()
+    batch = next(batches)
+    if time.perf_counter() - start > 0.005:
+      break
   start = time.perf_counter()
   images = 0
   for _ in range(count):
     batch = next(batches)
     images += len(batch["label"])
-  return images / (time.perf_counter() - start), batch
+  return images / (time.perf_counter() - start) if count else 0.0, batch
 
 
 _POOL_FN = None
@@ -188,24 +191,34 @@ def pool_batches(fn, workers: int, ahead: int):
     pool.shutdown(cancel_futures=True)
 
 
-def imagenet_rates(args, source) -> dict:
-  results: dict = {"grain": {}, "pool": {}, "threads": {}}
+def imagenet_rates(args, source, jpegs) -> dict:
+  """Median img/s over ``args.rounds`` rounds; each round times every setting once, in turn, so that
+  a change of the machine's load hits all alike. Each loader is started, warmed up, drained
+  (:func:`consume`), timed and closed on its own: no other loader refills its buffers meanwhile."""
+  batches = data.TrainBatches(source, IMAGENET, global_batch_size=args.imagenet_batch, seed=0, augment=True,
+                              rows=slice(0, args.imagenet_batch))
+  makers = {}
   for workers in args.workers:
-    warmup = args.warmup + 2 * workers    # every worker started, and their buffers (2 batches each) drained
-    it = data.TrainIterator(source, IMAGENET, global_batch_size=args.imagenet_batch, seed=0, workers=workers,
-                            prefetch=2)
-    results["grain"][workers], batch = consume(it, warmup, args.imagenet_batches)
-    it.close()
-    results["image_bytes"] = batch["image"][0].nbytes
-    results["batch_bytes_per_image"] = sum(v.nbytes for v in batch.values()) / len(batch["label"])
-    batches = data.TrainBatches(source, IMAGENET, global_batch_size=args.imagenet_batch, seed=0, augment=True,
-                                rows=slice(0, args.imagenet_batch))
-    generator = pool_batches(batches, workers, ahead=2 * workers)
-    results["pool"][workers], _ = consume(generator, warmup, args.imagenet_batches)
-    generator.close()
-    threads = data.workers.ThreadLoader(batches, 0, threads=workers, prefetch=workers)
-    results["threads"][workers], _ = consume(threads, warmup, args.imagenet_batches)
-    threads.close()
+    makers[("grain", workers)] = lambda w=workers: data.TrainIterator(
+        source, IMAGENET, global_batch_size=args.imagenet_batch, seed=0, workers=w, prefetch=2)
+    makers[("pool", workers)] = lambda w=workers: pool_batches(batches, w, ahead=2 * w)
+    makers[("threads", workers)] = lambda w=workers: data.workers.ThreadLoader(batches, 0, threads=w, prefetch=w)
+  samples: dict = {key: [] for key in [("serial", 0), ("serial_new", 0), *makers]}
+  for r in range(args.rounds):
+    samples[("serial", 0)].append(serial_rate(jpegs, new=False, pass_index=r))
+    samples[("serial_new", 0)].append(serial_rate(jpegs, new=True, pass_index=r))
+    for key, make in makers.items():
+      loader = make()
+      rate, batch = consume(loader, args.warmup, args.imagenet_batches)
+      loader.close()
+      samples[key].append(rate)
+  medians = {key: float(np.median(values)) for key, values in samples.items()}
+  results: dict = {"serial": medians[("serial", 0)], "serial_new": medians[("serial_new", 0)],
+                   "image_bytes": batch["image"][0].nbytes,
+                   "batch_bytes_per_image": sum(v.nbytes for v in batch.values()) / len(batch["label"])}
+  for engine in ("grain", "pool", "threads"):
+    results[engine] = {w: medians[(engine, w)] for w in args.workers}
+  for workers in args.workers:
     print(f"imagenet, {workers} worker(s): grain {results['grain'][workers]:7.1f} img/s, process pool "
           f"{results['pool'][workers]:7.1f}, threads {results['threads'][workers]:7.1f}", flush=True)
   return results
@@ -273,8 +286,9 @@ def main():
   parser.add_argument("--jpegs", type=int, default=96, help="distinct synthetic JPEGs")
   parser.add_argument("--sides", default="330,500", help="the JPEGs' smallest and largest side (px)")
   parser.add_argument("--imagenet-batch", type=int, default=32)
-  parser.add_argument("--imagenet-batches", type=int, default=16, help="timed batches per setting")
-  parser.add_argument("--warmup", type=int, default=2, help="batches before timing, plus 2 per worker")
+  parser.add_argument("--imagenet-batches", type=int, default=12, help="timed batches per setting and round")
+  parser.add_argument("--rounds", type=int, default=3, help="rounds of ImageNet-style timings (medians reported)")
+  parser.add_argument("--warmup", type=int, default=2, help="batches at start-up, untimed")
   parser.add_argument("--cifar-batches", type=int, default=400)
   parser.add_argument("--cifar-threads", type=int, default=1)
   parser.add_argument("--skip-steps", action="store_true", help="do not time the ResNet train steps")
@@ -285,6 +299,7 @@ def main():
   args = parser.parse_args()
   if args.quick:
     args.jpegs, args.imagenet_batch, args.imagenet_batches, args.warmup, args.cifar_batches = 8, 4, 2, 1, 8
+    args.rounds = 1
   args.workers = [int(w) for w in args.workers.split(",")]
   cpu = jax.devices()[0].platform == "cpu"
   print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}) x{jax.device_count()}; "
@@ -296,11 +311,11 @@ def main():
   print(f"{len(jpegs)} synthetic JPEGs, sides {args.sides} px, {np.mean([len(j) for j in jpegs]) / 1e3:.0f} KB on "
         f"average, {bytes_per_pixel:.2f} bytes/pixel; decoded at reduced scale for {drafted_fraction(jpegs):.0%} of "
         "the training crops", flush=True)
-  serial, serial_new = serial_rate(jpegs, new=False), serial_rate(jpegs, new=True)
-  print(f"imagenet serial, one core: before {serial:.1f} img/s; now (reduced-scale decode) {serial_new:.1f} img/s "
-        f"({serial_new / serial:.2f}x per core)", flush=True)
   source = data.RecordSource(SyntheticJpegs(jpegs, 1_000_000), name="synthetic_jpegs")
-  imagenet = imagenet_rates(args, source)
+  imagenet = imagenet_rates(args, source, jpegs)
+  serial, serial_new = imagenet["serial"], imagenet["serial_new"]
+  print(f"imagenet serial, one core: before {serial:.1f} img/s; now {serial_new:.1f} img/s "
+        f"({serial_new / serial:.2f}x per core)", flush=True)
   best_workers = max(imagenet["grain"], key=imagenet["grain"].get)
   best = imagenet["grain"][best_workers]
   print(f"imagenet best: grain {best_workers} worker(s) {best:.1f} img/s = {best / serial:.2f}x the serial one-core "

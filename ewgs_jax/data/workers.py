@@ -52,10 +52,9 @@ class ThreadLoader:
     return self._queue.popleft().result()
 
   def close(self) -> None:
-    for future in self._queue:
-      future.cancel()
+    """Cancels the batches not started and waits for those being computed (at most one per thread)."""
     self._queue.clear()
-    self._pool.shutdown(wait=False, cancel_futures=True)
+    self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _grain():
