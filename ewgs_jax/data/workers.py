@@ -24,6 +24,8 @@ import concurrent.futures
 import signal
 from typing import Callable
 
+import numpy as np
+
 from ewgs_jax import extras
 from ewgs_jax.data.metadata import DataError
 
@@ -111,7 +113,9 @@ class ProcessLoader:
                       f"{_exit_reason(str(e))}, while loading {self.describe(position)}; re-run the same command "
                       "to resume from the last checkpoint (fewer config.data_workers if memory is short)") from None
     self.next_position += 1
-    return batch
+    # Out of grain's shared memory into plain arrays (a ~1 ms copy per ImageNet batch): the block is
+    # freed now, not by a finaliser that fails at interpreter exit and leaves it to the resource tracker.
+    return {key: np.array(value) for key, value in batch.items()}
 
   def close(self) -> None:
     close = getattr(self._iterator, "close", None)
