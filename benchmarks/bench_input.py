@@ -138,6 +138,26 @@ def drafted_fraction(jpegs: list[bytes]) -> float:
   return drafted / len(jpegs)
 
 
+def _spin(n: int) -> int:
+  total = 0
+  for i in range(n):
+    total += i * i
+  return total
+
+
+def machine_scaling(processes: int, units: int = 4_000_000) -> float:
+  """How much faster ``processes`` processes do ``processes`` units of pure-Python work than one does
+  one: the scaling the machine offers right now (2.0 for two free cores; less when shared)."""
+  times = []
+  for k in (1, processes):
+    with concurrent.futures.ProcessPoolExecutor(k, mp_context=multiprocessing.get_context("spawn")) as pool:
+      list(pool.map(_spin, [1] * k))                      # processes started
+      start = time.perf_counter()
+      list(pool.map(_spin, [units] * k))
+      times.append(time.perf_counter() - start)
+  return processes * times[0] / times[1]
+
+
 # --- loaders ------------------------------------------------------------------------------------------
 
 
@@ -312,7 +332,11 @@ def main():
         f"average, {bytes_per_pixel:.2f} bytes/pixel; decoded at reduced scale for {drafted_fraction(jpegs):.0%} of "
         "the training crops", flush=True)
   source = data.RecordSource(SyntheticJpegs(jpegs, 1_000_000), name="synthetic_jpegs")
+  scaling_before = machine_scaling(max(args.workers))
   imagenet = imagenet_rates(args, source, jpegs)
+  scaling = (scaling_before + machine_scaling(max(args.workers))) / 2
+  print(f"this machine's own scaling with {max(args.workers)} processes (pure-Python work, before and after the "
+        f"ImageNet timings): {scaling:.2f}x", flush=True)
   serial, serial_new = imagenet["serial"], imagenet["serial_new"]
   print(f"imagenet serial, one core: before {serial:.1f} img/s; now {serial_new:.1f} img/s "
         f"({serial_new / serial:.2f}x per core)", flush=True)
@@ -331,7 +355,7 @@ def main():
 
   result = {"imagenet_img_s": round(best, 1), "imagenet_serial_img_s": round(serial, 1), "sides": args.sides,
             "imagenet_serial_new_img_s": round(serial_new, 1), "imagenet_speedup": round(best / serial, 2),
-            "workers": best_workers,
+            "workers": best_workers, "machine_scaling": round(scaling, 2),
             "imagenet_by_workers": {str(k): round(v, 1) for k, v in imagenet["grain"].items()},
             "imagenet_pool_by_workers": {str(k): round(v, 1) for k, v in imagenet["pool"].items()},
             "imagenet_threads_by_workers": {str(k): round(v, 1) for k, v in imagenet["threads"].items()},
