@@ -306,7 +306,7 @@ def main():
   parser.add_argument("--jpegs", type=int, default=96, help="distinct synthetic JPEGs")
   parser.add_argument("--sides", default="330,500", help="the JPEGs' smallest and largest side (px)")
   parser.add_argument("--imagenet-batch", type=int, default=32)
-  parser.add_argument("--imagenet-batches", type=int, default=12, help="timed batches per setting and round")
+  parser.add_argument("--imagenet-batches", type=int, default=24, help="timed batches per setting and round")
   parser.add_argument("--rounds", type=int, default=3, help="rounds of ImageNet-style timings (medians reported)")
   parser.add_argument("--warmup", type=int, default=2, help="batches at start-up, untimed")
   parser.add_argument("--cifar-batches", type=int, default=400)
