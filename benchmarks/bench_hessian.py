@@ -86,7 +86,8 @@ def main():
   model = training.build_model(config, 10)
   if args.data_dir:
     train = data.make_train_iterator("cifar10", global_batch_size=args.batch, seed=0, data_dir=args.data_dir)
-    batches = [parallel.shard_batch(train.batch_at(0, i), mesh) for i in range(args.batches)]
+    prepare = jax.jit(data.device_transform(data.device_spec(train.info)), static_argnames="train")   # uint8 -> float
+    batches = [prepare(parallel.shard_batch(train.batch_at(0, i), mesh), train=True) for i in range(args.batches)]
   else:
     rng = np.random.default_rng(0)
     batches = [parallel.shard_batch({"image": rng.normal(size=(args.batch, 32, 32, 3)).astype(np.float32),

@@ -37,8 +37,12 @@ def print_table(medians: dict[str, float], baseline: str, unit: str = "ms") -> N
     print(f"{name:<32} {value * scale:>12.2f} {value / medians[baseline]:>8.3f}")
 
 
-def train_case(config, batch: dict, mesh, steps: int = 1000, rng_impl: str = "threefry2x32"):
+def train_case(config, batch: dict, mesh, steps: int = 1000, rng_impl: str = "threefry2x32", prepare=None,
+               num_classes: int = 10):
   """The training program's own jitted train step for ``config`` (ResNet on ``batch``), as a thunk.
+
+  ``prepare`` is the device-side batch transform (``data.device_transform``) for uint8 batches, as
+  the training program runs it first in the step; ``None`` for float batches.
 
   Returns:
     ``(run, parts)``: ``run()`` does one step and returns its loss; ``parts`` holds the model, the
@@ -49,14 +53,16 @@ def train_case(config, batch: dict, mesh, steps: int = 1000, rng_impl: str = "th
   import jax.numpy as jnp
   from ewgs_jax import initialization, parallel, steps as steps_lib, training
   from ewgs_jax.qat import QAT
-  model = training.build_model(config, 10)
+  model = training.build_model(config, num_classes)
   tx = steps_lib.make_optimizer(config, steps, steps)
-  variables = jax.jit(lambda k, x: initialization.init_variables(model, k, x))(jax.random.key(0), batch["image"])
+  prepare = prepare or steps_lib.identity
+  images = jax.jit(prepare, static_argnames="train")(batch, train=True)["image"]
+  variables = jax.jit(lambda k, x: initialization.init_variables(model, k, x))(jax.random.key(0), images)
   qat = None
   if config.quant.enabled:
-    rules = initialization.layer_report(model, batch["image"], train=True).rules()
+    rules = initialization.layer_report(model, images, train=True).rules()
     qat = QAT(model.quant, total_steps=steps, rules=rules)
-  train_step, _ = steps_lib.compile_steps(model, tx, qat, mesh)
+  train_step, _ = steps_lib.compile_steps(model, tx, qat, mesh, prepare)
   copy = lambda tree: jax.tree.map(jnp.copy, tree)       # the train step donates its state
   state = steps_lib.TrainState(step=jnp.zeros((), jnp.int32), params=copy(variables["params"]),
                                batch_stats=copy(variables["batch_stats"]),

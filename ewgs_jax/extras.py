@@ -6,8 +6,8 @@ dependencies. These are imported lazily, where they are used:
 ============  =======================================================================
 extra         what needs it
 ============  =======================================================================
-``data``      tfds datasets (CIFAR-10, ImageNet, ...: ``tensorflow-datasets``) and ImageNet's
-              image transforms (``pillow``)
+``data``      tfds datasets (CIFAR-10, ImageNet, ...: ``tensorflow-datasets``), ImageNet's
+              image transforms (``pillow``) and their worker processes (``grain``)
 ``demo``      the bundled offline digits of the quickstart (``scikit-learn``)
 ``plots``     ``curves.png``, ``deltas.png`` and the figures of ``ewgs_jax.compare`` (``matplotlib``)
 ``export``    saving and loading integer models (``flatbuffers``, which ``jax.export`` serialization needs)
@@ -26,6 +26,7 @@ import types
 OPTIONAL = {
     "tensorflow_datasets": ("tensorflow-datasets", "data"),
     "PIL": ("pillow", "data"),
+    "grain": ("grain", "data"),
     "sklearn": ("scikit-learn", "demo"),
     "matplotlib": ("matplotlib", "plots"),
     "flatbuffers": ("flatbuffers", "export"),

@@ -23,12 +23,12 @@ from ewgs_jax.layers import QuantContext
 from ewgs_jax.losses import cross_entropy
 from ewgs_jax.qat import QAT
 
-#: ``prepare(batch, train) -> batch``: what the device does to a host batch before the model sees it
-#: (normalisation, augmentation); the identity by default.
-Prepare = Callable[[dict, bool], dict]
+#: ``prepare(batch, *, train) -> batch``: what the device does to a host batch before the model sees it
+#: (uint8 -> normalised float, augmentation: :func:`ewgs_jax.data.device_transform`); the identity by default.
+Prepare = Callable[..., dict]
 
 
-def identity(batch: dict, train: bool) -> dict:
+def identity(batch: dict, *, train: bool) -> dict:
   """The default :data:`Prepare`: the batch as it came.
 
   Args:
@@ -126,7 +126,7 @@ def action_loss(model, prepare: Prepare = identity) -> Callable[[dict, dict], ja
     ``loss(variables, batch) -> scalar``.
   """
   def loss(variables, batch):
-    return classification_loss(model, variables, prepare(batch, True))[0]
+    return classification_loss(model, variables, prepare(batch, train=True))[0]
   return loss
 
 
@@ -147,7 +147,7 @@ def train_step(state: TrainState, batch: dict, key: jax.Array, *, model, tx: opt
     ``(new state, measurements)``: ``loss``, ``accuracy`` and the rules' per-step factors.
   """
   ctx = qat.context(state.step, key) if qat is not None else None
-  batch = prepare(batch, True)
+  batch = prepare(batch, train=True)
 
   def loss_fn(params):
     return classification_loss(model, {**state.variables(), names.PARAMS: params}, batch, ctx)
@@ -171,7 +171,7 @@ def eval_step(state: TrainState, batch: dict, *, model, prepare: Prepare = ident
   Returns:
     ``{"loss_sum", "correct", "count"}``.
   """
-  batch = prepare(batch, False)
+  batch = prepare(batch, train=False)
   logits = model.apply(state.variables(), batch["image"], train=False)
   loss_sum, correct = cross_entropy(logits, batch["label"], batch["mask"])
   return {"loss_sum": loss_sum, "correct": correct, "count": batch["mask"].sum()}

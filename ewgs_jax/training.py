@@ -127,8 +127,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                      ignore=("init_from",) if has_copy else ())
     workdir_guard.install_preemption_handler()
     cleanup.callback(workdir_guard.uninstall_preemption_handler)
-    info = data.get_dataset_info(config.dataset, data_dir=config.data_dir)
     subset = data.Split(validation=config.validation_examples, train_limit=config.train_examples)
+    info = data.check_splits(config.dataset, config.data_dir, subset)   # every split the run reads, now
+    prepare = data.device_transform(data.device_spec(info, augment=config.augment))   # uint8 -> float, on device
 
     def train_batches(batch_size: int, seed: int):
       return data.make_train_iterator(config.dataset, global_batch_size=batch_size, seed=seed,
@@ -137,9 +138,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     def eval_batches(split: str):
       return data.make_eval_iterator(config.dataset, global_batch_size=config.eval_batch_size, split=split,
-                                     data_dir=config.data_dir, subset=subset)
+                                     data_dir=config.data_dir, subset=subset, workers=config.data_workers)
 
     train_iter = train_batches(config.batch_size, config.seed)
+    cleanup.callback(train_iter.close)
     steps_per_epoch = train_iter.steps_per_epoch
     total_steps = steps_per_epoch * config.num_epochs
     if config.num_train_steps > 0:
@@ -152,7 +154,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     replicated = parallel.replicated(mesh)
     init_state = jax.jit(lambda rng, images, fp: steps.initial_state(model, tx, rng, images, fp),
                          out_shardings=replicated)
-    first_images = parallel.shard_batch(train_iter.batch_at(0, 0), mesh)["image"]
+    first_images = jax.jit(prepare, static_argnames="train")(
+        parallel.shard_batch(train_iter.batch_at(0, 0), mesh), train=True)["image"]
     resuming = bool(checkpoints.committed_steps(workdir))
     fp_variables = None if resuming else warm_start_source(config, workdir)
     init_key, step_key, action_key = jax.random.split(jax.random.key(config.seed), 3)
@@ -169,9 +172,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           parallel.check_batch_divisible(d.action.batch_size, mesh, f"{d.name} batch size")
       if qat.key_impl != "threefry2x32":   # replacement masks from a cheaper PRNG (one per element per step)
         step_key = jax.random.key(config.seed, impl=qat.key_impl)
-    train_step, eval_step = steps.compile_steps(model, tx, qat, mesh)
+    train_step, eval_step = steps.compile_steps(model, tx, qat, mesh, prepare)
     evaluate = actions.evaluator(eval_step, eval_batches, mesh)
-    action_loss = steps.action_loss(model)
+    action_loss = steps.action_loss(model, prepare)
 
     # --- State: the latest checkpoint, or a data-driven initialisation (EWGS Sec. 4.1) on the first ---
     # training batch, warm-started from a full-precision run when ``init_from`` is set.

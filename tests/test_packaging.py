@@ -27,7 +27,7 @@ def load_floors_script():
 def test_every_dependency_has_a_floor_the_oldest_ci_leg_pins():
   pins = load_floors_script().floors(ROOT / "pyproject.toml")
   for name in ("jax", "flax", "optax", "chex", "orbax-checkpoint", "numpy", "tensorflow-datasets", "pillow",
-               "scikit-learn", "matplotlib", "flatbuffers", "pytest"):
+               "grain", "scikit-learn", "matplotlib", "flatbuffers", "pytest"):
     assert name in pins, name
   # floors known not to work (issue 16): keep them out
   assert pins["numpy"] >= "2" and pins["orbax-checkpoint"] == "0.11.17" and pins["matplotlib"] == "3.8.4"
@@ -40,8 +40,8 @@ def test_every_third_party_import_is_declared():
   declared = " ".join(PYPROJECT["dependencies"] + sum(PYPROJECT["optional-dependencies"].values(), [])).lower()
   distribution = {"jax": "jax", "flax": "flax", "optax": "optax", "chex": "chex", "orbax": "orbax-checkpoint",
                   "ml_collections": "ml-collections", "absl": "absl-py", "numpy": "numpy", "scipy": "scipy",
-                  "tensorflow_datasets": "tensorflow-datasets", "PIL": "pillow", "sklearn": "scikit-learn",
-                  "matplotlib": "matplotlib"}
+                  "tensorflow_datasets": "tensorflow-datasets", "PIL": "pillow", "grain": "grain",
+                  "sklearn": "scikit-learn", "matplotlib": "matplotlib"}
   stdlib = set(sys.stdlib_module_names) | {"ewgs_jax", "tensorflow"}   # tensorflow: optional, said in the error
   found = set()
   for path in (ROOT / "ewgs_jax").rglob("*.py"):
@@ -53,7 +53,7 @@ def test_every_third_party_import_is_declared():
   found |= {m.split(".")[0] for m in extras.OPTIONAL}   # imported by name through extras.require
   undeclared = sorted(m for m in found - stdlib if distribution.get(m, m) not in declared)
   assert not undeclared
-  for unused in ("grain", "importlib_resources"):
+  for unused in ("importlib_resources",):
     assert unused not in declared
 
 
@@ -61,17 +61,18 @@ def test_every_third_party_import_is_declared():
     ("sklearn", lambda: data.digits_source("train"), "demo"),
     ("matplotlib", extras.pyplot, "plots"),
     ("tensorflow_datasets", lambda: data.get_dataset_info("cifar10"), "data"),
-    ("PIL", lambda: data._imagenet_eval(__import__("numpy").zeros((300, 300, 3), "uint8")), "data"),
+    ("PIL", lambda: data.host.center_crop(__import__("numpy").zeros((300, 300, 3), "uint8")), "data"),
+    ("grain", lambda: data.workers._grain(), "data"),
 ])
 def test_a_missing_optional_dependency_names_its_extra(monkeypatch, module, call, extra):
-  data._digits.cache_clear()
+  data.datasets._digits.cache_clear()
   for name in list(sys.modules):
     if name == module or name.startswith(module + "."):
       monkeypatch.delitem(sys.modules, name)
   monkeypatch.setitem(sys.modules, module, None)   # as if not installed
   with pytest.raises(ImportError, match=rf"pip install 'ewgs_jax\[{extra}\]'"):
     call()
-  data._digits.cache_clear()
+  data.datasets._digits.cache_clear()
 
 
 def test_an_error_inside_an_installed_optional_package_is_not_disguised(monkeypatch):

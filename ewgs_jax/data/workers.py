@@ -1,0 +1,123 @@
+"""Producing batches ahead of the training loop: threads for in-memory gathers, worker processes
+(grain) for per-image decoding.
+
+Both loaders compute ``fn(start), fn(start + 1), ...`` for a pure, picklable ``fn`` of a batch's
+flat position, in order, a few batches ahead:
+
+* :class:`ThreadLoader`: a thread pool in this process. Right for in-memory arrays, where a batch
+  is one numpy gather (the GIL is released while copying) and worker processes would only add a
+  copy of every batch.
+* :class:`ProcessLoader`: grain's ``MapDataset`` with ``mp_prefetch`` worker processes (extra
+  ``data``). Right for ImageNet-style work (JPEG decode, crop, resize per image: the GIL would
+  serialise it in threads). Worker ``i`` of ``n`` computes the positions ``i, i + n, ...`` after
+  ``start``; a batch is one element, so a worker's per-image work never waits on another's.
+
+A failure in ``fn`` (a corrupt record, a record of the wrong shape) arrives as its own
+exception, naming the record; a worker process that dies becomes a
+:class:`~ewgs_jax.data.metadata.DataError` naming the worker and the batch it was loading.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import signal
+from typing import Callable
+
+import numpy as np
+
+from ewgs_jax import extras
+from ewgs_jax.data.metadata import DataError
+
+
+class ThreadLoader:
+  """``fn(start), fn(start + 1), ...`` computed ``prefetch`` batches ahead by ``threads`` threads."""
+
+  def __init__(self, fn: Callable[[int], dict], start: int, *, stop: int | None = None, threads: int = 1,
+               prefetch: int = 2):
+    self.fn, self.next_position, self.stop = fn, start, stop
+    self._pool = concurrent.futures.ThreadPoolExecutor(max(threads, 1), thread_name_prefix="ewgs_jax-data")
+    self._ahead = max(prefetch, 0) + 1
+    self._queue: collections.deque = collections.deque()
+    self._submitted = start
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    while len(self._queue) < self._ahead and (self.stop is None or self._submitted < self.stop):
+      self._queue.append(self._pool.submit(self.fn, self._submitted))
+      self._submitted += 1
+    if not self._queue:
+      raise StopIteration
+    self.next_position += 1
+    return self._queue.popleft().result()
+
+  def close(self) -> None:
+    """Cancels the batches not started and waits for those being computed (at most one per thread)."""
+    self._queue.clear()
+    self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _grain():
+  grain = extras.require("grain", "decoding ImageNet-style images in worker processes (config.data_workers > 0)")
+  from absl import flags
+  if not flags.FLAGS.is_parsed():   # grain reads absl flags; a program that is not an absl app has none
+    flags.FLAGS.mark_as_parsed()
+  return grain
+
+
+def _exit_reason(message: str) -> str:
+  """``exit code -9`` in grain's message -> ``exit code -9 (SIGKILL: killed, e.g. out of memory)``."""
+  for word in message.replace(".", " ").split():
+    if word.lstrip("-").isdigit() and int(word) < 0:
+      try:
+        name = signal.Signals(-int(word)).name
+      except ValueError:
+        break
+      hint = ": killed, e.g. by the out-of-memory killer" if name == "SIGKILL" else ""
+      return f"exit code {word} ({name}{hint})"
+  return "it exited"
+
+
+class ProcessLoader:
+  """``fn(start), fn(start + 1), ...`` computed by ``workers`` grain worker processes.
+
+  ``describe(position)`` names a batch in error messages. Each worker keeps ``prefetch`` batches
+  ready. Worker processes start with the first batch (a few seconds: they import this package).
+  """
+
+  def __init__(self, fn: Callable[[int], dict], start: int, *, stop: int | None = None, workers: int = 2,
+               prefetch: int = 2, describe: Callable[[int], str] = str):
+    grain = _grain()
+    self.start, self.next_position, self.workers, self.describe = start, start, workers, describe
+    stop = start + 2 ** 40 if stop is None else stop   # "endless": far more batches than any run
+    dataset = grain.MapDataset.range(start, stop).map(fn)
+    dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    self._iterator = iter(dataset.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=workers, per_worker_buffer_size=max(prefetch, 1))))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    position = self.next_position
+    try:
+      batch = next(self._iterator)
+    except RuntimeError as e:
+      if "terminated unexpectedly" not in str(e):
+        raise
+      worker = (position - self.start) % self.workers   # grain's worker i computes start + i, + i + n, ...
+      self.close()
+      raise DataError(f"input worker process {worker} of {self.workers} died, "
+                      f"{_exit_reason(str(e))}, while loading {self.describe(position)}; re-run the same command "
+                      "to resume from the last checkpoint (fewer config.data_workers if memory is short)") from None
+    self.next_position += 1
+    # Out of grain's shared memory into plain arrays (a ~1 ms copy per ImageNet batch): the block is
+    # freed now, not by a finaliser that fails at interpreter exit and leaves it to the resource tracker.
+    return {key: np.array(value) for key, value in batch.items()}
+
+  def close(self) -> None:
+    close = getattr(self._iterator, "close", None)
+    if close is not None:
+      close()
