@@ -130,7 +130,8 @@ def idx_split(directory: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     ``(images, labels)``; raises :class:`DataError` naming the files if their counts differ or
     the images are not N x H x W bytes.
   """
-  images_path, labels_path = (_find(directory, stem) for stem in IDX_FILES[split])
+  # a file missing here was there when the directory was found: read_idx then names the path it looked for
+  images_path, labels_path = (_find(directory, stem) or os.path.join(directory, stem) for stem in IDX_FILES[split])
   images, labels = read_idx(images_path), read_idx(labels_path)
   if images.ndim != 3 or images.dtype != np.uint8:
     raise DataError(f"{images_path}: expected N x H x W unsigned bytes, got {images.dtype} {images.shape}")

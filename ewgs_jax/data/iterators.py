@@ -154,9 +154,10 @@ class TrainIterator:
     return self
 
   def __next__(self) -> dict:
-    if self._loader is None:
-      self._loader = self._start_loader()
-    batch = next(self._loader)
+    loader = self._loader
+    if loader is None:
+      loader = self._loader = self._start_loader()
+    batch = next(loader)
     self.epoch, self.step = divmod(self.epoch * self.steps_per_epoch + self.step + 1, self.steps_per_epoch)
     return batch
 
@@ -268,6 +269,7 @@ def make_eval_iterator(name: str, *, global_batch_size: int, split: str | None =
 
 
 def _eval_batches(batches: EvalBatches, workers: int) -> Iterator[dict]:
+  loader: loaders.ProcessLoader | loaders.ThreadLoader
   if batches.info.per_image_host_work and workers > 0:
     loader = loaders.ProcessLoader(batches, 0, stop=batches.num_batches, workers=workers,
                                    describe=lambda i: f"evaluation batch {i}")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -36,7 +36,7 @@ class Source(Protocol):
 
   def __len__(self) -> int: ...
 
-  def get(self, indices: np.ndarray) -> tuple[list, np.ndarray]: ...
+  def get(self, indices: np.ndarray) -> tuple[Any, np.ndarray]: ...
 
 
 class ArraySource:
