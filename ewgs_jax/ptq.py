@@ -53,7 +53,8 @@ def calibration_images(config: ml_collections.ConfigDict, batches: int = CALIBRA
                                       data_dir=config.data_dir, augment=False, process_index=0, process_count=1,
                                       workers=1, subset=subset)
   batches = min(batches, iterator.steps_per_epoch)
-  return np.concatenate([iterator.batch_at(0, step)["image"] for step in range(batches)])
+  inputs = data.model_inputs(iterator.info)     # uint8 host batches -> the normalised floats the model sees
+  return np.concatenate([np.asarray(inputs(iterator.batch_at(0, step))) for step in range(batches)])
 
 
 def quantize(model, fp_variables: dict, images, rng=None) -> dict:
@@ -141,10 +142,11 @@ def quantize_run(fp_workdir: str, config: ml_collections.ConfigDict,
 def _evaluate_split(model, variables, config, split: str) -> dict:
   subset = data.Split(validation=config.validation_examples, train_limit=config.train_examples)
   step = jax.jit(lambda v, images, labels, mask: cross_entropy(model.apply(v, images, train=False), labels, mask))
+  inputs = data.model_inputs(data.get_dataset_info(config.dataset, data_dir=config.data_dir))
   loss = correct = count = 0.0
   for batch in data.make_eval_iterator(config.dataset, global_batch_size=config.eval_batch_size, split=split,
                                        data_dir=config.data_dir, subset=subset, process_index=0, process_count=1):
-    loss_sum, hits = jax.device_get(step(variables, batch["image"], batch["label"], batch["mask"]))
+    loss_sum, hits = jax.device_get(step(variables, inputs(batch), batch["label"], batch["mask"]))
     loss, correct, count = loss + float(loss_sum), correct + float(hits), count + float(batch["mask"].sum())
   return {"loss": loss / count, "accuracy": correct / count}
 

@@ -10,7 +10,7 @@ One job per module:
 * :mod:`~ewgs_jax.data.datasets`: the built-in kinds: ``digits`` (bundled), ``mnist`` /
   ``fashion_mnist`` (IDX files, :mod:`~ewgs_jax.data.idx`, else tfds), ``npz:PATH``, any tfds name.
 * :mod:`~ewgs_jax.data.host`: per-image host work (ImageNet-style decode, crop, flip), uint8 out.
-* :mod:`~ewgs_jax.data.device`: :func:`device_transform`, the jittable uint8 -> normalised float
+* :mod:`~ewgs_jax.data.device`: :func:`device_transform` (and :func:`model_inputs` for evaluation), the jittable uint8 -> normalised float
   step, with the pad-crop and flip keyed by (seed, epoch, step, global row).
 * :mod:`~ewgs_jax.data.workers`: batches produced ahead by threads or grain worker processes.
 * :mod:`~ewgs_jax.data.iterators`: :func:`make_train_iterator` (resumable from ``{"epoch",
@@ -21,7 +21,7 @@ Figures (benchmarks/bench_input.py): benchmarks/README.md, "Input pipeline".
 
 from ewgs_jax.data import datasets as _datasets  # noqa: F401  (registers the built-in kinds)
 from ewgs_jax.data.datasets import digits_source, npz_arrays
-from ewgs_jax.data.device import DeviceSpec, device_spec, device_transform
+from ewgs_jax.data.device import DeviceSpec, device_spec, device_transform, model_inputs
 from ewgs_jax.data.idx import IDX_FILES, read_idx
 from ewgs_jax.data.iterators import (EvalBatches, TrainBatches, TrainIterator, make_eval_iterator,
                                      make_train_iterator, process_rows)
@@ -32,6 +32,6 @@ from ewgs_jax.data.sources import (REGISTRY, ArraySource, RecordSource, SubsetSo
 __all__ = [
     "ArraySource", "DataError", "DatasetInfo", "DeviceSpec", "EvalBatches", "IDX_FILES", "MEAN_STD", "REGISTRY",
     "RecordSource", "Split", "SubsetSource", "TrainBatches", "TrainIterator", "check_splits", "device_spec",
-    "device_transform", "digits_source", "get_dataset_info", "make_eval_iterator", "make_train_iterator",
+    "device_transform", "model_inputs", "digits_source", "get_dataset_info", "make_eval_iterator", "make_train_iterator",
     "npz_arrays", "open_split", "process_rows", "read_idx", "register",
 ]

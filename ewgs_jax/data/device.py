@@ -128,3 +128,17 @@ def device_transform(spec: DeviceSpec) -> Callable[..., dict]:
       out["mask"] = batch["mask"]
     return out
   return fn
+
+
+def model_inputs(info: DatasetInfo) -> Callable[[dict], jax.Array]:
+  """``fn(host batch) -> float images`` as the model sees them at evaluation (normalised, not augmented),
+  jitted: for code that feeds a model outside the training steps (export checks, PTQ calibration).
+
+  Args:
+    info: the dataset's metadata.
+
+  Returns:
+    The function.
+  """
+  transform = device_transform(device_spec(info, augment=False))
+  return jax.jit(lambda batch: transform(batch, train=False)["image"])

@@ -59,10 +59,12 @@ def compare_on_split(integer_forward: Callable, fake_forward: Callable, config, 
   int_all: list[np.ndarray] = []
   labels: list[np.ndarray] = []
   masks: list[np.ndarray] = []
+  inputs = data.model_inputs(data.get_dataset_info(config.dataset, data_dir=config.data_dir))
   for batch in data.make_eval_iterator(config.dataset, global_batch_size=config.eval_batch_size, split=split,
                                        data_dir=config.data_dir, subset=subset, process_index=0, process_count=1):
-    fake_all.append(np.asarray(jax.device_get(fake_forward(batch["image"]))))
-    int_all.append(np.asarray(jax.device_get(integer_forward(batch["image"]))))
+    images = inputs(batch)       # uint8 host batches -> the normalised floats the model sees
+    fake_all.append(np.asarray(jax.device_get(fake_forward(images))))
+    int_all.append(np.asarray(jax.device_get(integer_forward(images))))
     labels.append(batch["label"])
     masks.append(batch["mask"] > 0)
   fake, integer, label, mask = (np.concatenate(a) for a in (fake_all, int_all, labels, masks))
