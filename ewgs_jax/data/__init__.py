@@ -10,8 +10,9 @@ One job per module:
 * :mod:`~ewgs_jax.data.datasets`: the built-in kinds: ``digits`` (bundled), ``mnist`` /
   ``fashion_mnist`` (IDX files, :mod:`~ewgs_jax.data.idx`, else tfds), ``npz:PATH``, any tfds name.
 * :mod:`~ewgs_jax.data.host`: per-image host work (ImageNet-style decode, crop, flip), uint8 out.
-* :mod:`~ewgs_jax.data.device`: :func:`device_transform` (and :func:`model_inputs` for evaluation), the jittable uint8 -> normalised float
-  step, with the pad-crop and flip keyed by (seed, epoch, step, global row).
+* :mod:`~ewgs_jax.data.device`: :func:`device_transform`, the jittable uint8 -> normalised float
+  step, with the pad-crop and flip keyed by (seed, epoch, step, global row); :func:`model_inputs`,
+  the same for evaluation outside the steps.
 * :mod:`~ewgs_jax.data.workers`: batches produced ahead by threads or grain worker processes.
 * :mod:`~ewgs_jax.data.iterators`: :func:`make_train_iterator` (resumable from ``{"epoch",
   "step"}``) and :func:`make_eval_iterator`, each process reading only its own rows.
