@@ -27,7 +27,7 @@ What the kit checks, and what it catches:
   float32: a forward that rounds ties away from zero fails, whatever its backward
   (:func:`assert_forward_rounds_half_to_even`, also part of :func:`assert_vjp_equals`);
 * the backward equals the formula on random inputs and at the ties (:func:`assert_vjp_equals`);
-* second-order terms through the rounding follow STE, as ``DESIGN.md``'s contract asks: ``x_q``
+* second-order terms through the rounding follow STE, as ARCHITECTURE.md's rule contract asks: ``x_q``
   carries the derivative 1 and the saved rounding error is a constant
   (:func:`assert_second_order_follows_ste`): a forward built on a plain ``jnp.round`` fails;
 * forward-over-reverse agrees with reverse-over-reverse, a step compiles once while the factor
@@ -233,7 +233,7 @@ def assert_zero_factor_is_ste(discretizer: Callable, *, bits: int, factor_name: 
 
 def assert_second_order_follows_ste(discretizer: Callable, *, bits: int, seed: int = 0, rtol: float | None = None,
                                     atol: float | None = None) -> None:
-  """Asserts derivatives taken through the rounding follow STE (``DESIGN.md``'s contract).
+  """Asserts derivatives taken through the rounding follow STE (ARCHITECTURE.md's rule contract).
 
   Forward-over-reverse (``jax.jvp(jax.grad(L))``, the Hessian code) differentiates the backward
   rule ``B(g, e)`` along ``x``. The contract: the forward's ``x_q`` carries the straight-through
