@@ -57,7 +57,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 500       # global evaluation batch
   c.num_epochs = 400            # length of the run in passes over the training split
   c.num_train_steps = -1        # > 0 caps the run at this many steps (tests, benchmarks)
-  c.data_workers = 2            # host workers decoding and batching records
+  c.data_workers = 2            # ImageNet-style decoding: grain worker processes (0: in-process); in-memory data: threads
   # Model.
   c.model = "resnet20"          # a name in ewgs_jax.models.MODELS
   c.model_kwargs = ml_collections.ConfigDict()   # the model's keyword arguments (e.g. stage_widths)
