@@ -48,7 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0                    # initialisation, data order and PEGE replacement masks
   # Data.
-  c.dataset = "digits"          # 'digits' (bundled), 'mnist'/'fashion_mnist' (IDX files or tfds), 'npz:PATH', any tfds name
+  c.dataset = "digits"          # 'digits' (bundled), 'mnist', 'fashion_mnist' (IDX or tfds), 'npz:PATH', a tfds name
   c.data_dir = ml_collections.config_dict.placeholder(str)   # where the dataset's files are (tfds data_dir, IDX files)
   c.validation_examples = 0     # > 0: hold out this many training examples and evaluate on them, not on test
   c.train_examples = 0          # > 0: train on a fixed subset of this many examples
@@ -57,7 +57,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 500       # global evaluation batch
   c.num_epochs = 400            # length of the run in passes over the training split
   c.num_train_steps = -1        # > 0 caps the run at this many steps (tests, benchmarks)
-  c.data_workers = 2            # ImageNet-style decoding: grain worker processes (0: in-process); in-memory data: threads
+  c.data_workers = 2            # worker processes decoding ImageNet-style images (0: none); threads otherwise
   # Model.
   c.model = "resnet20"          # a name in ewgs_jax.models.MODELS
   c.model_kwargs = ml_collections.ConfigDict()   # the model's keyword arguments (e.g. stage_widths)
@@ -86,7 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.momentum = 0.9              # SGD momentum
   c.nesterov = False            # SGD with Nesterov momentum
   c.weight_decay = 1e-4         # coupled L2 on every network parameter (PyTorch's weight_decay)
-  c.lr_schedule = "cosine"      # 'cosine': decay to 0 per step; 'cosine_epochs': per epoch (the official code); 'constant'
+  c.lr_schedule = "cosine"      # 'cosine' to 0 per step; 'cosine_epochs' per epoch (the official code); 'constant'
   c.quant_learning_rate = 1e-5  # quantizer parameters (bounds, output scale): Adam, no weight decay
   # Checkpoints, logging, distribution.
   c.checkpoint_every_steps = 0  # 0: a checkpoint every epoch only; > 0: also every this many steps
@@ -95,10 +95,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval_every_epochs = 1       # evaluate every this many epochs (and at the end)
   c.progress_bar = True         # a progress line on the terminal
   c.distributed = ml_collections.ConfigDict()
-  c.distributed.enabled = False                                              # call jax.distributed.initialize (several hosts)
-  c.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)   # host:port of process 0, where the platform does not say
-  c.distributed.num_processes = ml_collections.config_dict.placeholder(int)         # number of processes, where the platform does not say
-  c.distributed.process_id = ml_collections.config_dict.placeholder(int)            # this process's index, where the platform does not say
+  c.distributed.enabled = False   # call jax.distributed.initialize (several hosts)
+  c.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)   # process 0's host:port if not given
+  c.distributed.num_processes = ml_collections.config_dict.placeholder(int)   # number of processes, if not given
+  c.distributed.process_id = ml_collections.config_dict.placeholder(int)   # this process's index, if not given
   c.distributed.heartbeat_timeout_seconds = 100   # a process silent this long is lost: the others stop (exit 75)
   for rule in rules.RULES.values():   # each rule's own section, from its declared settings
     if rule.settings:

@@ -45,14 +45,15 @@ from ewgs_jax.quantconfig import QuantConfig
 log = logging.getLogger("ewgs_jax")
 
 # the intercepted layer -> the quantized layer computing it; every field of the former is passed on
-REPLACEMENTS: tuple[tuple[type[nn.Module], type[nn.Module]], ...] = ((nn.Conv, QuantConv), (nn.Dense, QuantDense), (nn.DenseGeneral, QuantDenseGeneral),
-                (nn.Einsum, QuantEinsum))
+REPLACEMENTS: tuple[tuple[type[nn.Module], type[nn.Module]], ...] = (
+    (nn.Conv, QuantConv), (nn.Dense, QuantDense), (nn.DenseGeneral, QuantDenseGeneral), (nn.Einsum, QuantEinsum))
 #: Layers with a weight or a product that stay full precision, each with the reason logged.
-NOT_QUANTIZED: tuple[tuple[type[nn.Module], str], ...] = ((nn.ConvTranspose, "transposed convolutions are not quantized"),
-                 (nn.ConvLocal, "locally connected convolutions are not quantized"),
-                 (nn.Embed, "embeddings are lookups, not products: not quantized"),
-                 (nn.MultiHeadDotProductAttention, "its projections are quantized; its query-key and "
-                  "attention-value products multiply two activations and stay full precision"))
+NOT_QUANTIZED: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.ConvTranspose, "transposed convolutions are not quantized"),
+    (nn.ConvLocal, "locally connected convolutions are not quantized"),
+    (nn.Embed, "embeddings are lookups, not products: not quantized"),
+    (nn.MultiHeadDotProductAttention, "its projections are quantized; its query-key and "
+     "attention-value products multiply two activations and stay full precision"))
 
 
 def _replacement(module: nn.Module, quant: QuantConfig) -> nn.Module | None:

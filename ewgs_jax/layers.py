@@ -11,9 +11,9 @@ State, as ``ARCHITECTURE.md`` ("State in a model") fixes it, under the names of 
 * learned quantizer parameters live in ``params`` as ``q_<w|a>_<suffix>`` (the method's parameter
   suffixes: ``q_w_lower``, ``q_a_clip``, ``q_w_step``, ...) and ``q_alpha`` for methods with an
   output scale; scalars, or one per output channel for per-channel weights
-  (:attr:`~ewgs_jax.quantconfig.QuantizerSpec.per_channel`, alpha too); their initialisers are the method's data-driven ones, reading the layer's actual
-  input, so ``model.init`` on a real batch initialises them (EWGS Sec. 4.1); layers run in order,
-  so each sees the already-quantized outputs of the layers before it. A constant or non-finite
+  (:attr:`~ewgs_jax.quantconfig.QuantizerSpec.per_channel`, alpha too); their initialisers are the
+  method's data-driven ones, reading the layer's actual input, so ``model.init`` on a real batch
+  initialises them (EWGS Sec. 4.1); layers run in order, so each sees the already-quantized outputs of the layers before it. A constant or non-finite
   input or kernel (a placeholder batch such as ``jnp.zeros``) raises ``ValueError`` at ``model.init``
   rather than giving degenerate bounds; ``jax.eval_shape(model.init, ...)`` is fine for shapes;
 * a rule whose factor source is ``quant_state`` (EWGS delta) reads ``quant_state/<layer>/delta_<w|a>``
@@ -396,7 +396,8 @@ class QuantDense(_Quantized):
     dtype = self.dtype if self.dtype is not None else jnp.result_type(x.dtype, self.param_dtype)
     x, kernel = x.astype(dtype), kernel.astype(dtype)
     matmul = jnp.matmul if self.precision is None else functools.partial(jnp.matmul, precision=self.precision)
-    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(dtype) if self.use_bias else None
+    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(dtype) if self.use_bias
+            else None)
     return self._quantized_op(x, kernel, matmul, ctx, None if bias is None else (lambda y: y + bias))
 
 
@@ -495,7 +496,8 @@ class QuantEinsum(_Quantized):
 
     add_bias = None
     if self.use_bias:
-      bias_shape, broadcast = nn.Einsum._get_bias_shape(self, einsum_str, x, kernel)  # type: ignore[arg-type]  # nn.Einsum's own rule (reads only .shape)
+      # nn.Einsum's own rule (it reads only .shape)
+      bias_shape, broadcast = nn.Einsum._get_bias_shape(self, einsum_str, x, kernel)  # type: ignore[arg-type]
       bias = self.param("bias", self.bias_init, bias_shape, self.param_dtype).astype(dtype)
       add_bias = lambda y: y + jnp.reshape(bias, broadcast)
     rhs, out = einsum_str.split(",")[1].split("->")

@@ -56,7 +56,8 @@ class TrainState:
     return {names.PARAMS: self.params, names.BATCH_STATS: self.batch_stats, names.QUANT_STATE: self.quant_state}
 
 
-def make_optimizer(config: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int) -> optax.GradientTransformation:
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int,
+                   steps_per_epoch: int) -> optax.GradientTransformation:
   """Network weights and quantizer parameters get separate optimisers (EWGS Sec. 4.1).
 
   Weights: Adam (CIFAR ResNet-20) or SGD with momentum 0.9 (ImageNet), with coupled L2 weight
@@ -156,7 +157,8 @@ def train_step(state: TrainState, batch: dict, key: jax.Array, *, model, tx: opt
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   state = dataclasses.replace(state, step=state.step + 1, params=optax.apply_updates(state.params, updates),
                               batch_stats=batch_stats, opt_state=opt_state)
-  return state, {"loss": loss, "accuracy": accuracy, **(qat.metrics(ctx) if qat is not None and ctx is not None else {})}
+  factors = qat.metrics(ctx) if qat is not None and ctx is not None else {}
+  return state, {"loss": loss, "accuracy": accuracy, **factors}
 
 
 def eval_step(state: TrainState, batch: dict, *, model, prepare: Prepare = identity) -> dict:
