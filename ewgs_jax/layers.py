@@ -14,8 +14,9 @@ State, as ``ARCHITECTURE.md`` ("State in a model") fixes it, under the names of 
   (:attr:`~ewgs_jax.quantconfig.QuantizerSpec.per_channel`, alpha too); their initialisers are the
   method's data-driven ones, reading the layer's actual input, so ``model.init`` on a real batch
   initialises them (EWGS Sec. 4.1); layers run in order, so each sees the already-quantized outputs
-  of the layers before it. A constant or non-finite input or kernel (a placeholder batch such as ``jnp.zeros``) raises ``ValueError`` at ``model.init``
-  rather than giving degenerate bounds; ``jax.eval_shape(model.init, ...)`` is fine for shapes;
+  of the layers before it. A constant or non-finite input or kernel (a placeholder batch such as
+  ``jnp.zeros``) raises ``ValueError`` at ``model.init`` rather than giving degenerate bounds;
+  ``jax.eval_shape(model.init, ...)`` is fine for shapes;
 * a rule whose factor source is ``quant_state`` (EWGS delta) reads ``quant_state/<layer>/delta_<w|a>``
   (0 until the first Hessian refresh, as in the reference code); the variable exists for every
   quantizer so that the state's structure does not depend on the rules;
