@@ -10,6 +10,8 @@ Models: :func:`quantize` (an unmodified Flax Linen model) or the layers of :mod:
 set up by a :class:`QuantConfig`; any training loop drives the rules' machinery through :class:`QAT`.
 """
 
+from typing import TYPE_CHECKING
+
 from ewgs_jax.estimators import Discretizer, ewgs, pege, pege_relative, round_to_grid, ste
 from ewgs_jax.quantizers import clip, dorefa, interval, lsq, pact, scale_gradient
 from ewgs_jax.replacement import quantizer_key, replace, replacement_mask
@@ -17,6 +19,11 @@ from ewgs_jax import rules, schedules
 from ewgs_jax.quantconfig import QuantConfig, QuantizerSpec
 
 __version__ = "0.2.0"   # the one place the version is set (pyproject.toml reads it)
+
+if TYPE_CHECKING:   # what the lazy names below are, for type checkers and editors
+  from ewgs_jax.interception import QuantizedModel, quantize, quantizing
+  from ewgs_jax.layers import QuantContext
+  from ewgs_jax.qat import QAT
 
 _LAZY = {   # the Flax parts load on first use: `import ewgs_jax` stays free of Flax
     "quantize": "interception", "quantizing": "interception", "QuantizedModel": "interception",
