@@ -25,6 +25,7 @@ import logging as std_logging
 import os
 import sys
 import threading
+import time
 import typing
 from typing import NoReturn
 
@@ -44,6 +45,7 @@ EXIT_STOPPED_EARLY, EXIT_ABORTED = workdir_lib.EXIT_STOPPED_EARLY, workdir_lib.E
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, workdir_lib.WorkdirBusyError,
                    checkpoints.CheckpointSaveError, OSError, ImportError)
 VERDICT_MARGIN_S = 30   # waited beyond the heartbeat timeout for JAX's verdict on a lost peer
+EXIT_GRACE_S = 10       # how long an error exit waits for library threads before leaving without them
 _COMMAND_LINE: list[str] = []   # as given, for the supervised worker
 
 FLAGS = flags.FLAGS
@@ -55,7 +57,20 @@ flags.DEFINE_bool("config_keys", False, "List every config key with its default 
 
 def _fail(message: str, code: int) -> NoReturn:
   sys.stderr.write(f"error: {message}\n")
+  sys.stderr.flush()
+  _exit_even_if_a_library_thread_hangs(code)
   sys.exit(code)
+
+
+def _exit_even_if_a_library_thread_hangs(code: int) -> None:
+  """Arms a watchdog that ends the process with ``code`` if it has not exited ``EXIT_GRACE_S`` after
+  an error. Python's exit waits for every non-daemon thread, and a library's can wait forever after a
+  failure: orbax 0.11's signalling threads of a save that failed on a full disk do. The message is
+  out and the checkpoint manager closed by then, so nothing is lost by not waiting for them."""
+  def leave() -> None:
+    time.sleep(EXIT_GRACE_S)
+    os._exit(code)
+  threading.Thread(target=leave, name="ewgs_jax-exit-watchdog", daemon=True).start()
 
 
 def shipped_config_path(spec: str) -> str:

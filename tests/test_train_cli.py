@@ -102,6 +102,22 @@ def test_ctrl_c_and_sigterm_save_and_exit_75_then_the_command_resumes(tmp_path):
   assert checkpoints.committed_steps(workdir)[-1] > stopped[-1]
 
 
+def test_an_error_exit_does_not_wait_for_a_library_thread_that_never_ends():
+  # orbax 0.11 leaves such threads behind a save that failed on a full disk; Python's exit joins them
+  stuck = ("import threading, sys\n"
+           "from ewgs_jax import train\n"
+           "train.EXIT_GRACE_S = 1\n"
+           "threading.Thread(target=threading.Event().wait).start()\n"
+           "train._fail('the disk is full', 1)\n")
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+  started = time.time()
+  process = subprocess.Popen([sys.executable, "-c", stuck], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  _, err = finish(process, timeout=60)
+  assert process.returncode == 1 and err.strip() == "error: the disk is full"
+  assert time.time() - started < 30
+
+
 # train.py with a disk that fills up after the first checkpoint (orbax's JSON writer fails as on ENOSPC).
 FULL_DISK = """
 import sys
