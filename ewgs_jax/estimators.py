@@ -21,7 +21,7 @@ and differs only in its backward rule, given the cotangent ``g = dL/dx_q``:
 traced arrays (scalars, or anything that broadcasts against ``x``, e.g. per channel); they receive
 no gradient (a zero cotangent), so they can be changed between steps without recompiling.
 
-Design choices (see ``ARCHITECTURE.md``, "Contracts"):
+Design choices (see ``ARCHITECTURE.md``, "The rule contract"):
 
 * The rule is computed in float32 and the result cast back to the input dtype. For bfloat16 inputs
   this keeps ``(2^b - 1) x`` exact enough to round correctly for every supported bit width (bf16
@@ -109,7 +109,8 @@ def _forward(x: Array, bits: int) -> tuple[Array, Array]:
 
 
 def rounding(x: Array, bits: int) -> tuple[Array, Array]:
-  """The forward rule every discretizer shares, for user-defined rules (see README, "Adding a rule").
+  """The forward rule every discretizer shares, for user-defined rules (EWGS Eq. 2; README, "Adding a
+  backward rule or a forward method").
 
   Args:
     x: the latent value in [0, 1].

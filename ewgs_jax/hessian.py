@@ -44,12 +44,12 @@ Deviations from the official code (README, "Deviations from the official code"):
 * BatchNorm uses batch statistics during the estimate (as the reference, in train mode) but its
   running statistics are *not* updated (the reference's estimate changes them).
 * The second-order path through the quantizers *after* a probed one follows STE (the discretizers'
-  forward rule carries an STE derivative, ``ARCHITECTURE.md`` "Contracts"), whereas the official
+  forward rule carries an STE derivative, ``ARCHITECTURE.md`` "The rule contract"), whereas the official
   double-backward differentiates through its EWGS backward rule there. Measured against the
   official code on a small network: 0.06 % of ``v^T H v`` at delta = 0.01, 2.9 % at delta = 0.5.
 * ImageNet: the official code estimates on a fresh single-GPU model with 10 batches of 16 images;
-  ``configs/imagenet_resnet18.py`` uses this module's defaults (3 batches of 256, the CIFAR
-  setting). ``--config.ewgs.num_batches=10 --config.ewgs.batch_size=16`` reproduces the batches.
+  ``configs/imagenet_resnet18.py`` uses the EWGS rule's defaults (``ewgs_jax/rules/ewgs.py``: 3 batches
+  of 256, the CIFAR setting). ``--config.ewgs.num_batches=10 --config.ewgs.batch_size=16`` reproduces the batches.
 """
 
 from __future__ import annotations

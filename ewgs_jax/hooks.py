@@ -105,6 +105,8 @@ class Probing:
     self._used = 0
 
   def visit(self, path: Sequence[str], rule: str, x_q: Any, state: Any) -> Any:
+    """One quantizer's output ``x_q``: recorded (``record``), or with its probe added (EWGS Eq. 8's
+    ``v^T H v`` is differentiated with respect to that probe) when the quantizer is selected."""
     index = self._calls
     self._calls += 1
     if self.mode == "record":

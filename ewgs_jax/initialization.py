@@ -115,7 +115,7 @@ def init_variables(model: nn.Module, rng: Array, images: Array, ctx: QuantContex
     model: the model.
     rng: the ``params`` key (for the network weights' random initialisers).
     images: a real batch (the quantizer initialisers read it).
-    ctx: passed to the model's forward (default: none, i.e. mu = 0 and no replacement).
+    ctx: passed to the model's forward (default: none, i.e. per-step factors 0 and no replacement).
 
   Returns:
     The variables: ``params``, ``batch_stats`` and ``quant_state`` as the model has them.

@@ -3,7 +3,7 @@
 Each layer has an activation quantizer on its input and a weight quantizer on its kernel, each with
 the forward method, backward rule and bit width that its :class:`~ewgs_jax.quantconfig.QuantConfig`
 resolves for the layer's path. What a method or rule needs comes from the registries
-(:data:`ewgs_jax.quantizers.METHODS`, :data:`ewgs_jax.estimators.RULES`), so a registered method or
+(:data:`ewgs_jax.quantizers.METHODS`, :data:`ewgs_jax.rules.RULES`), so a registered method or
 rule works here with no edit.
 
 State, as ``ARCHITECTURE.md`` ("State in a model") fixes it, under the names of :mod:`ewgs_jax.names`:
@@ -83,6 +83,20 @@ class QuantContext:
                      f"ewgs_jax.QAT(...).context(step, key) for the rules the model uses") from None
 
 
+def _forward_only(discretizer, message: str):
+  """``discretizer`` whose gradient raises ``ValueError(message)`` when traced: for a quantizer whose
+  rule's factor is missing, so that inference works and training cannot silently fall back to STE."""
+  @jax.custom_vjp
+  def guard(x_q):
+    return x_q
+
+  def backward(_, g):
+    raise ValueError(message)
+
+  guard.defvjp(lambda x_q: (x_q, None), backward)
+  return lambda x, bits: guard(discretizer(x, bits))
+
+
 class _Quantized(nn.Module):
   """Shared quantizer logic of the quantized layers."""
 
@@ -103,10 +117,13 @@ class _Quantized(nn.Module):
     if self.is_mutable_collection(names.QUANT_STATE) or self.has_variable(names.QUANT_STATE, name):
       return self.variable(names.QUANT_STATE, name, lambda: jnp.zeros((), jnp.float32)).value
     if ctx is not None:   # training without the quant_state collection would silently train as STE
-      raise ValueError(f"{type(self).__name__} {'/'.join(self._path())!r}: its rule reads its factor from the "
-                       f"{names.QUANT_STATE!r} collection, which the variables passed to apply do not hold; pass "
-                       f"every collection of model.init's result (e.g. {{**variables, 'params': params}})")
+      raise ValueError(self._missing_state_message())
     return None
+
+  def _missing_state_message(self) -> str:
+    return (f"{type(self).__name__} {'/'.join(self._path())!r}: its rule reads its factor from the "
+            f"{names.QUANT_STATE!r} collection, which the variables passed to apply do not hold; pass "
+            f"every collection of model.init's result (e.g. {{**variables, 'params': params}})")
 
   def _discretizer(self, spec: QuantizerSpec, kind: str, ctx: QuantContext | None):
     """The quantizer's discretizer with its rule's factor from the rule's declared source, and the
@@ -120,7 +137,10 @@ class _Quantized(nn.Module):
     elif rule.source == "context" and rule.factor is not None:
       applies = ctx is not None and self.quant.options(spec.rule).factor_applies(kind)
       value = ctx.factor(rule.name, rule.factor) if ctx is not None and applies else jnp.zeros((), jnp.float32)
-    return self.quant.discretizer(spec, value), (state if reads_state else None)
+    discretizer = self.quant.discretizer(spec, value)
+    if reads_state and state is None:   # the forward needs no factor; a gradient would be STE's, silently
+      discretizer = _forward_only(discretizer, self._missing_state_message())
+    return discretizer, (state if reads_state else None)
 
   def _hook(self, spec: QuantizerSpec, kind: str, ctx: QuantContext | None, state):
     """Exposes x_q to the Hessian probes (:mod:`ewgs_jax.hooks`), then applies progressive replacement
@@ -241,12 +261,16 @@ def _raise_if_degenerate(where: str, method: str, kind: str, finite, spread, fir
     where += f" (per-channel weight ranges; output channel {int(channel)})"
   what = "kernel" if kind == "w" else "input"
   found = "non-finite values" if not finite else f"the constant {float(first):g}"
+  if kind == "w":
+    fix = ("give the layer a kernel initialiser that draws different values (a constant kernel, e.g. "
+           "kernel_init=zeros, cannot be quantized), or initialise its weights from a trained model")
+  else:
+    fix = ("initialise the model with a representative batch of real inputs (model.init(rng, batch)); a "
+           "placeholder such as jnp.zeros or jnp.ones is only fine for shapes: jax.eval_shape(model.init, rng, "
+           "placeholder)")
   raise ValueError(
       f"{where}: the {method} {'weight' if kind == 'w' else 'activation'} quantizer is initialised from the data "
-      f"it sees (EWGS Sec. 4.1), but its {what} holds {found}, which would give it degenerate bounds. "
-      "Initialise the model with a representative batch of real inputs (model.init(rng, batch) or "
-      "ewgs_jax.initialization.init_variables(model, rng, batch)); a placeholder such as jnp.zeros or "
-      "jnp.ones is only fine for shapes: jax.eval_shape(model.init, rng, placeholder).")
+      f"it sees (EWGS Sec. 4.1), but its {what} holds {found}, which would give it degenerate bounds: {fix}.")
 
 
 def _tuple(value, rank: int, name: str) -> tuple[int, ...]:

@@ -1,4 +1,4 @@
-"""Mesh, shardings and multi-host helpers (ARCHITECTURE.md, "Parallelism and scale").
+"""Mesh, shardings and multi-host helpers (ARCHITECTURE.md, "Input, parallelism and scale").
 
 One 1-D mesh axis, ``data``, over every device of every process. Batches are sharded on it, the
 training state is replicated, and BatchNorm under ``jax.jit`` then normalises over the global

@@ -15,9 +15,13 @@ the loop hands it a loss function ``loss_fn(state, batch) -> scalar`` of its own
       ...
       return variables, opt_state, {"loss": loss, **qat.metrics(ctx)}
 
+    refresh_loss = lambda v, b: my_loss(v, b, None)   # one function for the whole run (compiled once)
     for step in range(1000):
-      variables, _ = qat.run_due(step, variables, lambda v, b: my_loss(v, b, None), refresh_batches, key)
+      variables, _ = qat.run_due(step, variables, refresh_loss, refresh_batches, key)
       variables, opt_state, metrics = train_step(variables, opt_state, next(batches), step)
+
+``key`` for the context is made with ``jax.random.key(seed, impl=qat.key_impl)``: a rule may ask for a
+cheaper PRNG for its replacement masks (PEGE's ``rng_impl``).
 
 ``run_due`` works on Linen variables, on any pytree holding them, and on a Flax NNX model (changed
 in place). The training program (:mod:`ewgs_jax.training`) uses exactly this API.
@@ -102,11 +106,21 @@ class QAT:
 
     Args:
       step: the training step (the number of steps done).
-      key: the run's replacement key (folded with ``step``); ``None``: no replacement.
+      key: the run's replacement key (folded with ``step``), made with
+        ``jax.random.key(seed, impl=self.key_impl)``; ``None``: no replacement.
 
     Returns:
       ``QuantContext(factors={rule: {name: value}}, key=...)``.
+
+    Raises:
+      ValueError: for a key of another PRNG than :attr:`key_impl` (the rules asked for that one).
     """
+    if self.replaces and key is not None:
+      typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+      impl = str(jax.random.key_impl(key)) if typed else "threefry2x32"
+      if impl != self.key_impl:
+        raise ValueError(f"the replacement key is a {impl} key, but the rules asked for {self.key_impl} "
+                         f"(rng_impl): make it with jax.random.key(seed, impl={self.key_impl!r})")
     factors = {rule: {name: fn(step) for name, fn in fns.items()} for rule, fns in self._factors.items()}
     step_key = jax.random.fold_in(key, step) if self.replaces and key is not None else None
     return QuantContext(factors=factors, key=step_key)
@@ -152,12 +166,13 @@ class QAT:
       state: Linen variables (or any pytree holding them), or a Flax NNX model (updated in place).
       loss_fn: ``loss_fn(state, batch) -> scalar``: the training loss without the per-step context
         (no replacement); for an NNX model, ``loss_fn(model, batch)``. Pass the same function every
-        time (the actions compile once per function and batch shape).
+        time (the actions compile once per function and batch shape), and not one wrapped in
+        ``jax.jit``: the actions trace it themselves (the Hessian probes are found while tracing).
       batches: the batches the actions read (an iterable; each action takes the first ones it
         needs), or ``batches(due_action) -> iterable`` to give each action its own.
       key: the actions' random key (the first due action gets it as it is, the i-th ``fold_in(key, i)``).
-      stop: polled between units of work; when True, the running action gives up and the state of
-        that action is left as it was (e.g. a preemption).
+      stop: polled between units of work; when True, the running action gives up, the state of
+        that action is left as it was, and the actions due after it do not run (e.g. a preemption).
       skip: names (``"ewgs/delta_refresh"``) of due actions not to run (already done at this step).
 
     Returns:
@@ -168,6 +183,8 @@ class QAT:
     due = [d for d in self.due(step) if d.name not in skip]
     if not due:
       return state, {}
+    if hasattr(loss_fn, "lower"):   # a jax.jit-wrapped function: its trace hides the quantizers
+      raise ValueError("run_due's loss_fn is wrapped in jax.jit; pass the plain function (the actions compile it)")
     nnx_model = _nnx_module(state)
     if nnx_model is not None:
       from flax import nnx

@@ -98,7 +98,8 @@ class QuantConfig:
     weight: the weight quantizers' setting.
     act: the activation quantizers' setting (per-tensor: ``act.per_channel`` is refused).
     quantize_first_last: quantize the model's first and last layers too (they stay full precision
-      otherwise, as both papers; the shipped models and :func:`ewgs_jax.quantize` honour it).
+      otherwise, as both papers; the shipped models and :func:`ewgs_jax.quantize` honour it; a model
+      written by hand applies it with :func:`first_last_quant`).
     overrides: ``((regex, {key: value}), ...)``; an override applies to every quantized layer whose
       module path (``"stage1_block0/conv1"``) matches ``re.search(regex, path)``, later ones
       winning. Keys: :data:`OVERRIDE_KEYS` (``enabled=False``: full precision;
@@ -177,7 +178,11 @@ class QuantConfig:
     Returns:
       Rule names, in registration order.
     """
-    named = {spec.rule for spec in (self.weight, self.act) if spec.active}
+    if not self.enabled:
+      return []
+    # A global rule counts when its quantizer is on, or when an override may turn a method on.
+    turns_on = any(key in ("method", "weight_method", "act_method") for _, given in self.overrides for key, _ in given)
+    named = {spec.rule for spec in (self.weight, self.act) if spec.active or turns_on}
     for _, given in self.overrides:
       named |= {value for key, value in given if key in ("rule", "weight_rule", "act_rule")}
     return [name for name in rules.RULES if name in named]

@@ -8,7 +8,7 @@ to subclass, which adds the jit / no-jit / device variants through ``chex.all_va
     def my_formula(x, g, error, factor):          # numpy: the cotangent your rule should return
       return g * (1 + factor * error ** 2)
 
-    testing.assert_vjp_equals(my_rule, my_formula, bits=2, factor=0.5)   # random inputs and ties
+    testing.assert_vjp_equals(my_rule, my_formula, bits=2, factor=0.5, factor_name="lam")   # random inputs and ties
     testing.assert_zero_factor_is_ste(my_rule, bits=2, factor_name="lam")
     testing.assert_second_order_modes_agree(functools.partial(my_rule, lam=0.5), bits=2)
     testing.assert_second_order_follows_ste(functools.partial(my_rule, lam=0.5), bits=2)
@@ -18,7 +18,7 @@ to subclass, which adds the jit / no-jit / device variants through ``chex.all_va
       discretizer = staticmethod(functools.partial(my_rule, lam=0.5))
 
 A *discretizer* here is ``f(x, bits, **{factor_name: value})`` (the ``discretizer`` of an
-:class:`ewgs_jax.estimators.BackwardRule`); ``x`` is the latent value in [0, 1]. The rounding error
+:class:`ewgs_jax.rules.Rule`); ``x`` is the latent value in [0, 1]. The rounding error
 passed to formulas is ``x - x_q`` in float32, as the library's rules save it.
 
 What the kit checks, and what it catches:

@@ -102,3 +102,45 @@ def test_registry_refuses_bad_rules_and_duplicates():
   assert list(rules.RULES)[:3] == ["ste", "ewgs", "pege"]
   assert rules.get("pege").bind(0.5, "absolute").func is estimators.pege
   assert rules.get("pege").bind(0.5).func is estimators.pege
+
+
+def test_rules_in_use_count_a_global_rule_an_override_turns_on_and_none_when_disabled():
+  off = ej.QuantizerSpec("none", "ewgs", 2)
+  turned_on = ej.QuantConfig(weight=off, act=off, overrides=(("Conv", {"method": "interval"}),))
+  assert turned_on.rule_names() == ["ewgs"]
+  assert [d.name for d in ej.QAT(turned_on, total_steps=10).actions] == ["ewgs/delta_refresh"]
+  assert ej.QuantConfig(weight=ej.QuantizerSpec("interval", "ewgs", 2), enabled=False).rule_names() == []
+  with pytest.raises(ValueError, match="its factor 'scale' is a constant, but no value is given"):
+    rules.Rule("valueless", estimators.ewgs, factor="scale", source="constant")
+
+
+def test_a_replacement_key_of_another_prng_and_a_jitted_refresh_loss_are_refused():
+  rbg = ej.QuantConfig(weight=ej.QuantizerSpec("interval", "pege", 2), settings={"pege": {"rng_impl": "rbg"}})
+  qat = ej.QAT(rbg, total_steps=10)
+  assert qat.key_impl == "rbg"
+  assert str(jax.random.key_impl(qat.context(1, jax.random.key(0, impl="rbg")).key)) == "rbg"
+  with pytest.raises(ValueError, match=r"a threefry2x32 key, but the rules asked for rbg .*impl='rbg'"):
+    qat.context(1, jax.random.key(0))
+  ewgs = ej.QAT(MIXED, total_steps=4, steps_per_epoch=1)
+  with pytest.raises(ValueError, match="loss_fn is wrapped in jax.jit"):
+    ewgs.run_due(2, {}, jax.jit(lambda v, b: 0.0), [])
+
+
+def test_a_gradient_without_the_quant_state_collection_raises_instead_of_training_as_ste():
+  import flax.linen as nn
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3)(nn.relu(nn.Dense(4)(x)))
+
+  quant = ej.QuantConfig(weight=ej.QuantizerSpec("interval", "ewgs", 2), act=ej.QuantizerSpec("interval", "ewgs", 2),
+                         quantize_first_last=True)
+  model = ej.quantize(Net(), quant)
+  x = jax.random.normal(jax.random.key(0), (8, 5))
+  variables = model.init(jax.random.key(1), x)
+  np.testing.assert_array_equal(model.apply({"params": variables["params"]}, x), model.apply(variables, x))
+  missing = r"QuantDense 'Dense_\d': its rule reads its factor from the 'quant_state' collection"
+  with pytest.raises(ValueError, match=missing):
+    jax.grad(lambda p: model.apply({"params": p}, x).sum())(variables["params"])
+  jax.grad(lambda p: model.apply({**variables, "params": p}, x).sum())(variables["params"])

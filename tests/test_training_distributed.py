@@ -36,7 +36,7 @@ def finish(process, timeout=600):
 # Device-count equality is checked on the full-precision network: with quantizers, a gradient
 # all-reduced in a different order changes a latent value by ~1e-7, which can flip one rounding
 # decision a few steps later and change the loss by far more than float tolerance.
-SHARDED_RUN = {"num_train_steps": 4, "quant.enabled": False, "delta.mode": "off"}
+SHARDED_RUN = {"num_train_steps": 4, "quant.enabled": False, "ewgs.mode": "off"}
 
 
 @pytest.fixture(scope="module")

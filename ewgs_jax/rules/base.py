@@ -112,7 +112,7 @@ class ActionInput:
     state: the pytree that holds the model's variables (Linen variables, an ``nnx.State``, ...).
     loss_fn: ``loss_fn(state, batch) -> scalar``, the user's training loss without the per-step
       context (no replacement).
-    batches: the batches to use (at least the action's ``num_batches``).
+    batches: the batches to use (it reads at most the action's ``num_batches``; it may get fewer).
     key: a random key for the action.
     stop: polled between units of work; when it returns True the action gives up and returns the
       state unchanged (a preemption during a long action).
@@ -132,9 +132,11 @@ class Action:
   Attributes:
     name: its name, unique within the rule (metrics and logs say ``<rule>/<name>``).
     due: ``due(clock) -> bool``: whether it runs before step ``clock.step``.
-    run: ``run(ActionInput) -> (state, metrics)``; ``state`` is ``None`` when it was stopped.
-    batch_size: the batch size it wants (``None``: it needs no batches).
-    num_batches: how many batches it reads.
+    run: ``run(ActionInput) -> (state, metrics)``; ``state`` is ``None`` when it was stopped. An
+      action writes only the ``quant_state`` collection (the rules' per-quantizer state): the
+      training program keeps that collection of the returned state and nothing else.
+    batch_size: the batch size it wants (``None``: batches of the training batch size).
+    num_batches: how many batches it reads at most (it may be given fewer; 0: none).
     describe: one line saying what it does, for the progress messages.
   """
   name: str
@@ -169,7 +171,7 @@ class Rule:
       factor), with the contract of :data:`ewgs_jax.estimators.Discretizer`.
     factor: the keyword of its hyper-parameter, ``None`` for none.
     source: where the hyper-parameter comes from, one of :data:`FACTOR_SOURCES`.
-    value: the hyper-parameter for ``source="constant"``.
+    value: the hyper-parameter for ``source="constant"`` (required there, unused otherwise).
     variants: alternative discretizers chosen by ``RuleOptions.variant``.
     settings: its config section, ``{key: Setting}``.
     validate: ``validate(settings)``: raises ``ValueError`` for a bad combination of keys.
@@ -184,7 +186,7 @@ class Rule:
   discretizer: Callable[..., Array]
   factor: str | None = None
   source: str = "none"
-  value: float = 0.0
+  value: float | None = None
   variants: Mapping[str, Callable[..., Array]] = dataclasses.field(default_factory=dict)
   settings: Mapping[str, Setting] = dataclasses.field(default_factory=dict)
   validate: Callable[[Mapping[str, Any]], None] | None = None
@@ -202,6 +204,8 @@ class Rule:
       raise ValueError(f"rule {self.name!r}: unknown factor source {self.source!r}; valid: {list(FACTOR_SOURCES)}")
     if (self.factor is None) != (self.source == "none"):
       raise ValueError(f"rule {self.name!r}: a factor needs a source other than 'none', and 'none' no factor")
+    if self.source == "constant" and self.value is None:
+      raise ValueError(f"rule {self.name!r}: its factor {self.factor!r} is a constant, but no value is given")
     if self.source == "context" and self.step_factors is None:
       raise ValueError(f"rule {self.name!r}: its factor {self.factor!r} comes from the per-step context, but the "
                        "rule declares no step_factors to compute it")

@@ -96,6 +96,7 @@ class DeltaRefresh:
     self._estimates: dict[Any, Any] = {}
 
   def due(self, clock: base.Clock) -> bool:
+    """Whether a refresh is due before step ``clock.step`` (:func:`refresh_due`)."""
     return refresh_due(self.settings["mode"], clock.step, clock.steps_per_epoch, self.settings["every_epochs"])
 
   def _estimate(self, loss_fn, state, batch, quantizers):
