@@ -131,7 +131,8 @@ def _finished(tmp_path, rows):
     run = plan.Run(label, str(tmp_path / label / f"seed{seed}"), "c.py:v", {})
     summary = {"final_test_accuracy": accuracy, "best_test_accuracy": accuracy, "wall_time_s": 1.0,
                "epochs": 0.0 if spec.baseline else 2.0, "train_steps": 0 if spec.baseline else 6,
-               "config": {"dataset": "digits", "model": "resnet8", "quant": quant}}
+               "config": {"dataset": "digits", "model": "resnet8", "quant": quant},
+               "environment": {"python": "3.11.7", "ewgs_jax": "0.2.0", "jax": "0.10.2"}}
     out.append((spec, seed, run, summary))
   return out
 
@@ -148,6 +149,7 @@ def test_results_title_follows_the_resolved_config_and_a_baseline_row_is_shown_o
   assert "| `ptq` |  |  | 60.00 (once) | -25.00 [" in text            # paired with each seed's reference run
   assert "| `ptq` | - | `ptq/seed" in text and "| `pege` | 1 | `pege/seed1` | 90.00 | 1 |" in text
   assert "no rule here logged a trace" in text
+  assert "- versions: python 3.11.7, ewgs_jax 0.2.0, jax 0.10.2\n" in text   # once: every run used the same
   assert report.precision({"quant": {"enabled": True, "weight_method": "none", "weight_bits": 2,
                                      "act_method": "interval", "act_bits": 4}}) == "W32A4"
   assert report.describe_precision("W32A4") == "W32A4 (weights at full precision)"

@@ -426,6 +426,14 @@ def test_loading_something_else_is_one_clear_error(tmp_path):
   np.savez(tmp_path / "plain.npz", x=np.zeros(3))
   with pytest.raises(ValueError, match="not an exported integer model"):
     runtime.load(str(tmp_path / "plain.npz"))
+  metadata = np.frombuffer(json.dumps({"format": runtime.FORMAT}).encode(), np.uint8)
+  np.savez(tmp_path / "torn.npz", **{runtime.METADATA_KEY: metadata, runtime.FORWARD_KEY: np.zeros(7, np.uint8)})
+  with pytest.raises(ValueError, match="torn.npz: its serialized forward is damaged"):
+    runtime.load(str(tmp_path / "torn.npz"))
+  np.savez(tmp_path / "bad_meta.npz", **{runtime.METADATA_KEY: np.zeros(3, np.uint8),
+                                         runtime.FORWARD_KEY: np.zeros(7, np.uint8)})
+  with pytest.raises(ValueError, match="bad_meta.npz: its metadata is damaged"):
+    runtime.load(str(tmp_path / "bad_meta.npz"))
 
 
 def test_the_forward_exports_for_gpus_without_integer_convolutions(saved):
@@ -438,3 +446,40 @@ def test_the_forward_exports_for_gpus_without_integer_convolutions(saved):
   convolutions = [line for line in text.splitlines() if "stablehlo.convolution" in line]
   assert convolutions == [] and "dot_general" in text and exported.platforms == ("cuda",)
   assert integer_model.exported.platforms == CPU
+
+
+class _MaskedNet(nn.Module):
+  quant: QuantConfig
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    from ewgs_jax.layers import QuantConv, QuantDense
+    mask = np.ones((3, 3, 3, 8), np.float32)
+    mask[:, :, :, ::2] = 0.0                        # half the output channels see nothing but the bias
+    mask[0] = 0.0
+    x = nn.relu(QuantConv(8, (3, 3), quant=self.quant, mask=mask, name="masked")(x))
+    x = nn.relu(QuantConv(8, (3, 3), quant=self.quant, name="plain")(x))
+    return QuantDense(4, quant=self.quant, name="head")(x.mean(axis=(1, 2)))
+
+
+def test_a_masked_convolution_exports_its_masked_kernel():
+  quant = QuantConfig(weight=QuantizerSpec("interval", "ste", 4), act=QuantizerSpec("interval", "ste", 4),
+                      quantize_first_last=True)
+  assert_integer_model_matches(_MaskedNet(quant), (8, 8, 3))
+
+
+def test_layers_without_an_integer_form_are_refused_with_their_name():
+  from ewgs_jax.layers import QuantDenseGeneral
+
+  class Net(nn.Module):
+    quant: QuantConfig
+
+    @nn.compact
+    def __call__(self, x, train=False):
+      return QuantDenseGeneral(4, quant=self.quant, name="dg")(x)
+
+  model = Net(QuantConfig(weight=QuantizerSpec("interval", "ste", 4), act=QuantizerSpec("interval", "ste", 4),
+                          quantize_first_last=True))
+  variables = random_variables(model, (6,))
+  with pytest.raises(NotImplementedError, match="layer 'dg' is a QuantDenseGeneral, which the integer model"):
+    export_model.integer_model(variables, model=model, image_shape=(6,), platforms=CPU)

@@ -33,8 +33,8 @@ def run_cli(capsys, *args):
 
 def test_exports_checks_and_prints_one_json_line_last(qat_run, tmp_path, capsys):
   output = tmp_path / "model.npz"
-  code, out, _ = run_cli(capsys, qat_run, str(output), "--platforms", "cpu")
-  assert code == 0
+  code, out, err = run_cli(capsys, qat_run, str(output), "--platforms", "cpu")
+  assert code == 0, err
   result = json.loads(out.strip().splitlines()[-1])
   for key in ("agreement", "max_rel_logit_error", "test_accuracy", "bytes", "fp_bytes"):
     assert key in result
@@ -86,6 +86,7 @@ def corrupt_checkpoints(workdir):
     ("preempted", "was stopped early"),
     ("full_precision", "full-precision run has no quantized layers"),
     ("corrupt", "unreadable"),
+    ("old_config", "written by ewgs_jax 0.1"),
 ])
 def test_bad_input_is_one_line_and_a_nonzero_exit(qat_run, tmp_path, capsys, damage, message):
   workdir = str(tmp_path / "nowhere")
@@ -102,6 +103,8 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(qat_run, tmp_path, capsys, dam
     edit_config(workdir, **{"quant.enabled": False})
   elif damage == "corrupt":
     corrupt_checkpoints(workdir)
+  elif damage == "old_config":
+    edit_config(workdir, **{"quant.backward": "ewgs", "delta.mode": "hessian"})
   output = tmp_path / "out.npz"
   code, out, err = run_cli(capsys, workdir, str(output), "--platforms", "cpu")
   assert code == export_cli.EXIT_ERROR and out == ""
@@ -120,6 +123,9 @@ def test_module_entry_point_exits_nonzero_with_one_line(tmp_path):
   usage = subprocess.run([sys.executable, "-m", "ewgs_jax.export"], env=env, capture_output=True, text=True,
                          timeout=300)
   assert usage.returncode == export_cli.EXIT_USAGE
+  with pytest.raises(SystemExit) as bad_platform:
+    export_cli.parse_args(["w", "o.npz", "--platforms", "gpu"])
+  assert bad_platform.value.code == export_cli.EXIT_USAGE
 
 
 def test_a_missing_flatbuffers_names_the_extra(qat_run, tmp_path, capsys, monkeypatch):

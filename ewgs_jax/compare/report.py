@@ -13,6 +13,7 @@ import os
 from typing import Mapping
 
 from ewgs_jax import extras, reporting, rules
+from ewgs_jax.reporting import tables
 from ewgs_jax.compare import plan as plan_lib
 from ewgs_jax.compare.stats import mean_sd, paired_test
 
@@ -158,8 +159,10 @@ def write_results(args, fp_summary: dict, finished: list) -> str:
     baseline = plan_lib.BASELINES[groups[label][0][0].rule]
     lines.append(f"- `{label}`: {baseline.about}; one evaluation (seed {seeds[0]}), shown once and compared "
                  f"with each seed's `{reference}`")
-  if first.get("versions"):
-    lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in sorted(first["versions"].items())))
+  environments = sorted({tables.versions_line(s["environment"]) for *_, s in finished
+                          if isinstance(s.get("environment"), dict)})
+  for versions in environments:   # one line per set of versions the runs used (one, normally)
+    lines.append(f"- versions: {versions}")
   lines += [f"- command: `python -m ewgs_jax.compare {' '.join(args.argv)}`", ""]
   splits = [("validation", "final_validation_accuracy")] if args.validation else []
   splits.append(("test", "final_test_accuracy"))

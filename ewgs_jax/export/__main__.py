@@ -57,7 +57,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--max-rel-error", type=float, default=None,
                       help="also fail (exit 3) above this relative logit error (default: not checked: a code "
                            "that flips at a rounding threshold moves the logits of a deep model visibly)")
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  known = ("cpu", "cuda", "rocm", "tpu")   # ewgs_jax.export.model.PLATFORMS (not imported: it loads jax)
+  unknown = [p for p in args.platforms.split(",") if p.strip() and p.strip() not in known]
+  if unknown or not args.platforms.strip(","):
+    parser.error(f"--platforms {args.platforms!r}: each must be one of {', '.join(known)}")
+  return args
 
 
 def export_and_check(workdir: str, output: str, platforms=None) -> dict:
@@ -87,7 +92,8 @@ def export_and_check(workdir: str, output: str, platforms=None) -> dict:
   loaded = runtime.load(output)   # what is measured is the file, not the object that wrote it
   info = data.get_dataset_info(run.config.dataset, data_dir=run.config.data_dir)
   fake_model = training.build_model(run.config, info.num_classes)
-  fake = jax.jit(lambda images: fake_model.apply(run.variables, images, train=False))
+  apply = jax.jit(lambda variables, images: fake_model.apply(variables, images, train=False))
+  fake = lambda images: apply(run.variables, images)   # noqa: E731 (the weights as arguments, not constants)
   evaluation = check.compare_on_split(loaded, fake, run.config)
   test = evaluation if evaluation["split"] == "test" else check.compare_on_split(loaded, fake, run.config, "test")
   return {

@@ -25,7 +25,6 @@ full-precision variables, so the file holds each weight once, packed (:mod:`ewgs
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from typing import Any, Mapping
@@ -44,6 +43,7 @@ PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 LINEAR_PRIMITIVES = ("conv_general_dilated", "dot_general")
 NHWC_SPECS = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))   # ConvDimensionNumbers of NHWC / HWIO / NHWC
 QUANTIZED = (layers.QuantConv, layers.QuantDense)
+UNSUPPORTED = (layers.QuantDenseGeneral, layers.QuantEinsum)
 
 
 @dataclasses.dataclass
@@ -159,6 +159,9 @@ def _capture(model: nn.Module, variables: dict, images, apply_kwargs: Mapping[st
     module = context.module
     if context.method_name != "__call__":
       return next_fun(*args, **kwargs)
+    if isinstance(module, UNSUPPORTED) and module.quant is not None:
+      raise NotImplementedError(f"layer {_path(module)!r} is a {type(module).__name__}, which the integer model does "
+                                "not export yet (QuantConv and QuantDense do)")
     if isinstance(module, QUANTIZED) and module.quant is not None:
       path = _path(module)
       setting = module.quant.resolve(path)
@@ -167,7 +170,10 @@ def _capture(model: nn.Module, variables: dict, images, apply_kwargs: Mapping[st
         if path in found:
           raise NotImplementedError(f"layer {path!r} is called more than once; shared layers do not export")
         op, op_params = _linear_op(module, x.astype(module.dtype or x.dtype), params["kernel"])
-        found[path] = _Layer(path, op, op_params, module.dtype or x.dtype, setting, _host(dict(params)))
+        params = dict(params)
+        if getattr(module, "mask", None) is not None:   # the layer quantizes kernel * mask
+          params["kernel"] = params["kernel"] * module.mask
+        found[path] = _Layer(path, op, op_params, module.dtype or x.dtype, setting, _host(params))
         y = next_fun(*args, **kwargs)
         outputs.append((y, path))
         return y

@@ -117,8 +117,15 @@ def load(path: str) -> IntegerModel:
     raise ValueError(f"{path}: not a readable .npz file ({e})") from None
   if METADATA_KEY not in entries or FORWARD_KEY not in entries:
     raise ValueError(f"{path}: not an exported integer model (no {METADATA_KEY} / {FORWARD_KEY} entry)")
-  metadata = json.loads(entries.pop(METADATA_KEY).tobytes().decode())
-  if metadata.get("format") != FORMAT:
-    raise ValueError(f"{path}: format {metadata.get('format')!r}, this loader reads {FORMAT!r}")
-  exported = jax.export.deserialize(bytearray(entries.pop(FORWARD_KEY).tobytes()))
+  try:
+    metadata = json.loads(entries.pop(METADATA_KEY).tobytes().decode())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: its metadata is damaged ({e})") from None
+  if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+    found = metadata.get("format") if isinstance(metadata, dict) else None
+    raise ValueError(f"{path}: format {found!r}, this loader reads {FORMAT!r}")
+  try:
+    exported = jax.export.deserialize(bytearray(entries.pop(FORWARD_KEY).tobytes()))
+  except Exception as e:  # noqa: BLE001 - any failure to read the serialized forward is a damaged file
+    raise ValueError(f"{path}: its serialized forward is damaged ({type(e).__name__})") from None
   return IntegerModel(exported, entries, metadata)

@@ -55,12 +55,20 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, "config.json")
   try:
     with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
+      stored = json.load(f)
   except FileNotFoundError:
     raise RunError(f"{workdir}: not a training workdir (no config.json); pass the --workdir of a finished "
                    "training run") from None
   except (OSError, ValueError) as e:
     raise RunError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+  if not isinstance(stored, dict) or not isinstance(stored.get("quant"), dict):
+    raise RunError(f"{path}: not a training run's config (no quant section)")
+  old = (any(v is not None for v in (stored.get("delta") or {}).values())
+         or stored["quant"].get("backward") is not None or "ewgs" not in stored)
+  if old:   # keys renamed in 0.2.0 (CHANGELOG.md); 0.2 keeps them, unset, for the deprecation messages
+    raise RunError(f"{path}: written by ewgs_jax 0.1 (keys delta.*, quant.backward); this version reads runs "
+                   "trained with 0.2 or later: re-run the training command with this version in a new workdir")
+  return ml_collections.ConfigDict(stored)
 
 
 def load_run(workdir: str, config=None, *, quantized: bool = True) -> Run:

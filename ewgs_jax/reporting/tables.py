@@ -50,7 +50,8 @@ def results_table(workdirs: list[str]) -> str:
   return "\n".join(rows)
 
 
-def _versions(environment: dict) -> str:
+def versions_line(environment: dict) -> str:
+  """``"python 3.11.7, ewgs_jax 0.2.0, jax ..."`` from a summary's ``environment``."""
   keys = ("python", "ewgs_jax", *ENVIRONMENT_PACKAGES)
   return ", ".join(f"{k} {environment[k]}" for k in keys if environment.get(k))
 
@@ -75,7 +76,7 @@ def provenance(workdirs: list[str]) -> str:
            f"({os.cpu_count()} CPU cores); {wall / 60:.1f} min of training wall time in all."]
   groups: dict[str, list[str]] = {}
   for workdir, s in found:
-    versions = _versions(s["environment"]) if isinstance(s.get("environment"), dict) else ""
+    versions = versions_line(s["environment"]) if isinstance(s.get("environment"), dict) else ""
     groups.setdefault(versions, []).append(os.path.basename(os.path.normpath(workdir)))
   if len(groups) == 1 and "" not in groups:
     lines.append(f"Versions: {next(iter(groups))}.")
