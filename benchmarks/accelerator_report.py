@@ -18,7 +18,7 @@ the budget's end (SIGALRM), so the command ends within ``--budget-s`` plus a few
   single-sample Hutchinson values on one batch (``bench_hessian.per_sample_values``).
 * ``export``: the integer export's forward (``ewgs_jax.export.integer_model``, issue 22) against
   the fake-quant forward of that trained network: class agreement, max relative logit error
-  (``max |int - fake| / max |fake|``), images/s of both; "not available" without it.
+  (``max |int - fake| / max |fake|``), images/s of both; "not available" when it cannot be imported.
 * ``e2e``: ``python -m ewgs_jax.train`` for N steps on a synthetic ``npz:`` dataset at CIFAR and
   ImageNet shapes: ``train_images_per_s`` of its ``summary.json`` against the step-only rate of
   the same config measured by ``steps`` in this run.

@@ -83,22 +83,32 @@ class CheckpointKeeper:
   def restore_latest(self, abstract_state: Any) -> tuple[Any, dict] | None:
     """``(state, extra)`` of the latest readable checkpoint, with the shardings of ``abstract_state``.
 
-    A checkpoint that cannot be read (torn, corrupt) is moved to ``workdir/corrupt_checkpoints``
-    with a warning naming it, and the previous one is tried: a run never dies on its own
-    half-written checkpoint while an older good one exists.
+    A checkpoint that cannot be read (torn, corrupt) while an older one can is moved to
+    ``workdir/corrupt_checkpoints`` with a warning naming it: a run never dies on its own
+    half-written checkpoint while an older good one exists. When none can be read, nothing is moved
+    and :class:`CheckpointRestoreError` says why: the cause is then rarely the files (a different
+    model, out of memory, a filesystem error), and starting again would throw the run away.
     """
+    failed: list[tuple[int, Exception]] = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()))
-      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped the same way
-        bad = os.path.join(str(self.manager.directory), str(step))
-        log.warning("checkpoint %s cannot be read (%s: %s); moved aside, trying the previous one",
-                    bad, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
-        self._quarantine(step)
+      except Exception as e:  # noqa: BLE001 - judged below: damaged if an older one restores
+        failed.append((step, e))
         continue
+      for bad_step, error in failed:
+        bad = os.path.join(str(self.manager.directory), str(bad_step))
+        log.warning("checkpoint %s cannot be read (%s); moved aside to corrupt_checkpoints, using step %d",
+                    bad, _first_line(error), step)
+        self._quarantine(bad_step)
       log.info("restored step %d from %s", step, self.manager.directory)
       return restored["state"], restored["extra"]
+    if failed:
+      step, error = failed[0]
+      raise CheckpointRestoreError(
+          f"no checkpoint in {self.manager.directory} can be restored (step {step}: {_first_line(error)}); "
+          f"nothing was moved. If they are damaged, move them aside (e.g. to corrupt_checkpoints/) to start again")
     return None
 
   def _quarantine(self, step: int) -> None:
@@ -149,6 +159,15 @@ class CheckpointKeeper:
 
 class CheckpointSaveError(RuntimeError):
   """An asynchronous checkpoint save failed; the run stops with the last good checkpoint kept."""
+
+
+class CheckpointRestoreError(RuntimeError):
+  """No checkpoint of a run could be restored; none was moved or deleted."""
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
 
 
 def _committed_steps(directory: str) -> list[int]:

@@ -43,7 +43,8 @@ EXIT_STOPPED_EARLY, EXIT_ABORTED = workdir_lib.EXIT_STOPPED_EARLY, workdir_lib.E
 # one message, not a traceback.
 # ImportError: an optional part that is not installed (the message names the extra to install).
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, workdir_lib.WorkdirBusyError,
-                   checkpoints.CheckpointSaveError, OSError, ImportError)
+                   checkpoints.CheckpointSaveError, checkpoints.CheckpointRestoreError, OSError,
+                   ImportError)
 VERDICT_MARGIN_S = 30   # waited beyond the heartbeat timeout for JAX's verdict on a lost peer
 EXIT_GRACE_S = 10       # how long an error exit waits for library threads before leaving without them
 _COMMAND_LINE: list[str] = []   # as given, for the supervised worker

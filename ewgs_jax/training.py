@@ -183,7 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     restored = keeper.restore_latest(jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract))
     if restored is None:
-      if fp_variables is None and resuming:   # every checkpoint was unreadable: start again
+      if fp_variables is None and resuming:   # nothing restored after all: start from the initialisation
         fp_variables = warm_start_source(config, workdir)
       state, extra = init_state(init_key, first_images, fp_variables), {"data": None}
     else:

@@ -245,3 +245,20 @@ def test_loading_a_warm_start_logs_no_orbax_warnings(tmp_path, caplog):
   with caplog.at_level("INFO"):
     checkpoints.load_variables(str(tmp_path))
   assert not [r for r in caplog.records if r.levelno >= 30], [r.getMessage() for r in caplog.records]
+
+
+def test_when_no_checkpoint_restores_nothing_is_moved_and_one_line_says_why(tmp_path):
+  keeper = checkpoints.CheckpointKeeper(str(tmp_path), max_to_keep=3)
+  for step in (1, 2):
+    keeper.save(step, toy_state(float(step)), {"next": step})
+  keeper.wait_until_finished()
+  keeper.close()
+  other_model = jax.eval_shape(lambda: {"step": jnp.zeros((), jnp.int32), "other": jnp.zeros((7,))})
+  keeper = checkpoints.CheckpointKeeper(str(tmp_path), max_to_keep=3)
+  with pytest.raises(checkpoints.CheckpointRestoreError) as error:
+    keeper.restore_latest(other_model)
+  message = str(error.value)
+  assert message.startswith(f"no checkpoint in {tmp_path / 'checkpoints'} can be restored (step 2: ")
+  assert "nothing was moved" in message and "\n" not in message
+  assert keeper.all_steps() == [1, 2] and not (tmp_path / "corrupt_checkpoints").exists()
+  keeper.close()
