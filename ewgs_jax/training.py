@@ -170,6 +170,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       for d in qat.actions:
         if d.action.batch_size:
           parallel.check_batch_divisible(d.action.batch_size, mesh, f"{d.name} batch size")
+          if d.action.batch_size > len(train_iter.source):   # else it fails only when first due, epochs later
+            raise ValueError(f"the {d.name} batch size {d.action.batch_size} exceeds the {len(train_iter.source)} "
+                             f"training examples; lower it (python train.py --config_keys: config.{d.rule}.*)")
       if qat.key_impl != "threefry2x32":   # replacement masks from a cheaper PRNG (one per element per step)
         step_key = jax.random.key(config.seed, impl=qat.key_impl)
     train_step, eval_step = steps.compile_steps(model, tx, qat, mesh, prepare)
@@ -290,9 +293,11 @@ def _summary(config, step: int, steps_per_epoch: int, timing: dict, history: dic
 
 def _action_batches(train_batches, config, mesh, step: int, d):
   """A rule action's batches: the first of a fresh pass over the training split, seeded by the step
-  (as the reference draws its delta batches from a new data loader), sharded over the mesh."""
+  (as the reference draws its delta batches from a new data loader), sharded over the mesh; more
+  batches than one pass holds continue into the next pass."""
   iterator = train_batches(d.action.batch_size or config.batch_size, config.seed + 1 + step)
-  return (parallel.shard_batch(iterator.batch_at(0, i), mesh) for i in range(max(d.action.num_batches, 1)))
+  return (parallel.shard_batch(iterator.batch_at(*divmod(i, iterator.steps_per_epoch)), mesh)
+          for i in range(max(d.action.num_batches, 1)))
 
 
 def _layer_bits(report: initialization.LayerReport, layer: str) -> dict[str, int | None]:

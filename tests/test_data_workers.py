@@ -154,3 +154,25 @@ def test_a_wrong_shape_from_a_source_names_the_record(workers):
   with pytest.raises(data.DataError, match=r"odd \(epoch 0, step 0\), record 3: cannot decode the image"):
     next(it)
   it.close()
+
+
+def _positions(position):
+  return {"x": np.full((2,), position, np.int64)}
+
+
+def test_worker_processes_leave_ctrl_c_and_sigterm_to_the_training_process():
+  import multiprocessing
+  import signal as signals
+  from ewgs_jax.data import workers as loaders
+  loader = loaders.ProcessLoader(_positions, 0, workers=2)
+  try:
+    assert int(next(loader)["x"][0]) == 0
+    children = multiprocessing.active_children()
+    assert children
+    for child in children:          # a terminal's Ctrl-C reaches the whole process group; SLURM sends SIGTERM
+      os.kill(child.pid, signals.SIGINT)
+      os.kill(child.pid, signals.SIGTERM)
+    assert [int(next(loader)["x"][0]) for _ in range(5)] == [1, 2, 3, 4, 5]
+    assert all(child.is_alive() for child in children)
+  finally:
+    loader.close()

@@ -236,6 +236,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     ({"quant.weight_bits": 0}, r"quant\.weight_bits=0 is invalid; valid choices: integers 1\.\.16"),
     ({"quant.rule": "stee"}, r"quant\.rule='stee' is invalid; valid choices: \['ewgs', 'pege', 'ste'\]"),
     ({"ewgs.batch_size": 0}, r"config\.ewgs\.batch_size=0 is invalid: it must be a positive integer"),
+    ({"quant.rule": "ewgs", "ewgs.mode": "hessian", "train_examples": 100, "ewgs.batch_size": 128},
+     r"the ewgs/delta_refresh batch size 128 exceeds the 100 training examples; lower it .*config\.ewgs\.\*"),
 ])
 def test_bad_values_fail_before_compiling(tmp_path, overrides, pattern):
   with pytest.raises(ValueError, match=pattern):
@@ -337,3 +339,19 @@ def test_a_stop_during_the_delta_refresh_saves_before_training_on_and_the_resume
   assert not second["preempted"] and second["train_steps"] == 6 and second["rule_actions"] == {"ewgs/delta_refresh": 1}
   done = [r["step"] for r in reporting.read_metrics(str(tmp_path / "metrics.jsonl")) if r.get("ewgs/delta_refresh") == 1.0]
   assert done == [4]
+
+
+def test_action_batches_beyond_one_pass_continue_into_the_next():
+  from types import SimpleNamespace
+  config = small_config()
+
+  def train_batches(batch_size, seed):
+    return data.make_train_iterator("digits", global_batch_size=batch_size, seed=seed, augment=False, workers=0)
+
+  due = SimpleNamespace(action=SimpleNamespace(batch_size=512, num_batches=4))   # 1,437 examples: 2 per pass
+  from ewgs_jax import parallel
+  batches = list(training._action_batches(train_batches, config, parallel.make_mesh(), 3, due))
+  assert [b["image"].shape[0] for b in batches] == [512] * 4
+  iterator = train_batches(512, config.seed + 1 + 3)
+  for i, batch in enumerate(batches):
+    np.testing.assert_array_equal(np.asarray(batch["image"]), iterator.batch_at(*divmod(i, 2))["image"])

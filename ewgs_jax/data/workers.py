@@ -67,6 +67,15 @@ def _grain():
   return grain
 
 
+def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
+  """In each worker process: Ctrl-C in a terminal (SIGINT to the process group) and a scheduler's
+  SIGTERM to every process are the training process's to handle (it saves, then closes the loader,
+  which stops the workers); a worker that took them would die mid-batch and fail the save."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _exit_reason(message: str) -> str:
   """``exit code -9`` in grain's message -> ``exit code -9 (SIGKILL: killed, e.g. out of memory)``."""
   for word in message.replace(".", " ").split():
@@ -95,7 +104,7 @@ class ProcessLoader:
     dataset = grain.MapDataset.range(start, stop).map(fn)
     dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     self._iterator = iter(dataset.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=workers, per_worker_buffer_size=max(prefetch, 1))))
+        num_workers=workers, per_worker_buffer_size=max(prefetch, 1)), worker_init_fn=_ignore_stop_signals))
 
   def __iter__(self):
     return self
