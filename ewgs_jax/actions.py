@@ -9,6 +9,7 @@ order, each when :func:`due`.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from typing import Any, Callable, Iterable
@@ -185,7 +186,8 @@ class Bookkeeper:
       return
     self.flush()
     self.history["timing"] = timing
-    self.keeper.save(step, state, extra={"data": self.data_state(), "history": self.history},
+    # a copy: orbax writes the JSON in a background thread while the loop goes on changing the history
+    self.keeper.save(step, state, extra={"data": self.data_state(), "history": copy.deepcopy(self.history)},
                      metrics=None if eval_accuracy is None else {"eval_accuracy": eval_accuracy})
 
 

@@ -2,9 +2,10 @@
 
 A checkpoint holds the whole ``TrainState`` pytree (``state``) plus a JSON ``extra`` dict (the data
 iterator's position, history). Retention keeps the latest ``max_to_keep`` steps *and* the best
-step by test accuracy. Saving is asynchronous; :meth:`CheckpointKeeper.wait_until_finished` is
+step by evaluation accuracy (validation, or test without a hold-out). Saving is asynchronous; :meth:`CheckpointKeeper.wait_until_finished` is
 called before exiting, and a failed save (a full disk) stops the run naming the last good
-checkpoint. A latest checkpoint that cannot be read is moved aside and the previous one is used.
+checkpoint. A latest checkpoint that cannot be read while an older one can is moved aside and the
+older one is used; when none can be read, nothing is moved and the run stops.
 A warm-start source is copied into the run (``warm_start.npz``), so that a run resumes without
 its ``init_from``.
 

@@ -310,7 +310,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     except ValueError as e:
       raise ValueError(f"config.quant: {e}") from None
   _choice("matmul_precision", config.matmul_precision, MATMUL_PRECISIONS)
-  for name in ("validation_examples", "train_examples"):
+  for name in ("validation_examples", "train_examples", "seed"):
     if isinstance(config[name], bool) or not isinstance(config[name], int) or config[name] < 0:
       raise ValueError(f"config.{name}={config[name]!r} is invalid; it must be an integer >= 0")
   _choice("optimizer", config.optimizer, OPTIMIZERS)

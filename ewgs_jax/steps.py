@@ -1,7 +1,8 @@
 """The training program's state, optimiser, loss and jitted steps (module level, as the Flax examples).
 
-``train_step`` and ``eval_step`` return a dict of measurements; every key reaches the metrics file,
-TensorBoard, ``summary.json`` and the plots with no further edit, and the rules' per-step factors
+``train_step`` and ``eval_step`` return a dict of measurements; every key reaches the metrics file
+and TensorBoard with no further edit (the comparison plots the rules' declared traces from there),
+and the rules' per-step factors
 (:meth:`ewgs_jax.qat.QAT.metrics`) are just more keys. The per-step quantization context comes from
 the public QAT API (:class:`ewgs_jax.qat.QAT`), as in any user's loop.
 """

@@ -233,7 +233,11 @@ def main(argv):
   # and XLA reads its flags once.
   if FLAGS.config.deterministic:
     training.enable_deterministic_ops()
-  if hostmem.tune(FLAGS.config.host_allocator):
+  try:
+    tuned = hostmem.tune(FLAGS.config.host_allocator)
+  except ValueError as e:   # checked here, before the config's validation: it must run before JAX starts
+    _fail(f"config.host_allocator: {e}", EXIT_USAGE)
+  if tuned:
     logging.info("host allocator tuned for XLA:CPU (ewgs_jax.hostmem)")
   try:
     summary = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -354,3 +354,9 @@ def test_train_images_per_s_does_not_depend_on_the_logging_cadence(tmp_path, mon
                           variant="w2a2_ste")
     rates.append(training.train_and_evaluate(config, str(tmp_path / str(log_every)))["train_images_per_s"])
   assert 1 / 3 < rates[1] / rates[0] < 3, rates   # timing noise on a loaded machine, not 14x
+
+
+def test_a_torn_summary_is_one_error_naming_the_file(tmp_path):
+  (tmp_path / "summary.json").write_text('{"final_test_accuracy": 0.9')
+  with pytest.raises(ValueError, match=r"summary\.json is not valid JSON .*move it aside"):
+    reporting.read_summary(str(tmp_path))

@@ -58,6 +58,10 @@ def test_expected_errors_are_one_message_and_exit_1(tmp_path):
                      f"--config.dataset=npz:{tmp_path}/none.npz")
   _, err = finish(missing)
   assert missing.returncode == 1 and len(err.strip().splitlines()) == 1 and "none.npz' does not exist" in err
+  allocator = train_py("--config", "configs/quickstart.py:fp", "--workdir", str(tmp_path / "a"),
+                       "--config.host_allocator=foo")
+  _, err = finish(allocator)
+  assert allocator.returncode == 2 and err.startswith("error: config.host_allocator: ") and len(err.splitlines()) == 1
 
 
 def test_config_keys_are_listed_with_defaults_and_meanings():

@@ -236,6 +236,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     ({"quant.weight_bits": 0}, r"quant\.weight_bits=0 is invalid; valid choices: integers 1\.\.16"),
     ({"quant.rule": "stee"}, r"quant\.rule='stee' is invalid; valid choices: \['ewgs', 'pege', 'ste'\]"),
     ({"ewgs.batch_size": 0}, r"config\.ewgs\.batch_size=0 is invalid: it must be a positive integer"),
+    ({"seed": -1}, r"config\.seed=-1 is invalid; it must be an integer >= 0"),
     ({"quant.rule": "ewgs", "ewgs.mode": "hessian", "train_examples": 100, "ewgs.batch_size": 128},
      r"the ewgs/delta_refresh batch size 128 exceeds the 100 training examples; lower it .*config\.ewgs\.\*"),
 ])

@@ -61,7 +61,7 @@ class MetricsWriter:
     Args:
       step: the training step of the snapshot.
       quantizers: ``{layer: {name: value}}``.
-      reason: why the snapshot was taken (e.g. ``"delta_refresh"``, ``"eval"``), or ``None``.
+      reason: why the snapshot was taken (e.g. ``"ewgs/delta_refresh"``, ``"eval"``), or ``None``.
     """
     if not self.enabled:
       return

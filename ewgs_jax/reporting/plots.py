@@ -29,7 +29,7 @@ def write_plots(workdir: str, delta_history: list[dict], title: str | None = Non
 
 
 def plot_curves(metrics_path: str, out_png: str, title: str | None = None) -> None:
-  """Loss and accuracy against the training step, train and test.
+  """Loss and accuracy against the training step: train, and the evaluation split(s).
 
   Args:
     metrics_path: the ``metrics.jsonl`` to read.

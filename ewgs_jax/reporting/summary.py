@@ -62,8 +62,11 @@ def read_summary(workdir: str) -> dict | None:
   path = os.path.join(workdir, "summary.json")
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError as e:   # a torn or edited file: one line naming it (callers report ValueErrors so)
+    raise ValueError(f"{path} is not valid JSON ({e}); move it aside to continue") from None
 
 
 def final_message(workdir: str, summary: dict) -> str:

@@ -51,7 +51,14 @@ def results_table(workdirs: list[str]) -> str:
 
 
 def versions_line(environment: dict) -> str:
-  """``"python 3.11.7, ewgs_jax 0.2.0, jax ..."`` from a summary's ``environment``."""
+  """The versions a run used, as one line.
+
+  Args:
+    environment: a summary's ``environment`` (:func:`ewgs_jax.reporting.environment`).
+
+  Returns:
+    ``"python 3.11.7, ewgs_jax 0.2.0, jax ..."``.
+  """
   keys = ("python", "ewgs_jax", *ENVIRONMENT_PACKAGES)
   return ", ".join(f"{k} {environment[k]}" for k in keys if environment.get(k))
 
