@@ -27,6 +27,9 @@ from ewgs_jax.qat import QAT
 
 log = logging.getLogger(__name__)
 RUNTIME_KEYS = ("distributed", "progress_bar", "data_workers", "host_allocator")   # not part of what defines a run
+# Stored with the run, but a resume may change them (with a warning): they decide what is logged,
+# evaluated and kept, not what is trained.
+RESUMABLE_CHANGES = ("log_every_steps", "keep_checkpoints", "checkpoint_every_steps", "eval_every_epochs")
 DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
 
 
@@ -124,7 +127,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # A run with its own warm-start copy never reads init_from again, so init_from may change.
     has_copy = os.path.exists(os.path.join(workdir, checkpoints.WARM_START_FILE))
     workdir_guard.save_or_check_config(workdir, {k: v for k, v in config.to_dict().items() if k not in RUNTIME_KEYS},
-                                     ignore=("init_from",) if has_copy else ())
+                                     ignore=RESUMABLE_CHANGES + (("init_from",) if has_copy else ()))
     workdir_guard.install_preemption_handler()
     cleanup.callback(workdir_guard.uninstall_preemption_handler)
     subset = data.Split(validation=config.validation_examples, train_limit=config.train_examples)

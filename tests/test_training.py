@@ -258,7 +258,7 @@ def test_unknown_key_on_the_command_line():
 def test_runtime_settings_do_not_count_as_a_different_config(pege_run):
   config, workdir, summary = pege_run
   config = small_config({"num_train_steps": 8, "progress_bar": True, "data_workers": 2,
-                         "distributed.process_id": 1})
+                         "distributed.process_id": 1, "log_every_steps": 3, "keep_checkpoints": 5})
   assert training.train_and_evaluate(config, workdir)["train_steps"] == summary["train_steps"]
 
 
