@@ -216,6 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                subset.eval_split)
     evaluate_every = steps_per_epoch * config.eval_every_epochs
     preempted = False
+    last_evaluation: tuple[int, dict] | None = None   # (step, results): the summary reuses the last step's
     while step < total_steps:
       state, acted = actions.run_rule_actions(qat, state, step, books, timer, loss_fn=action_loss, key=action_key,
                                               batches=functools.partial(_action_batches, train_batches, config, mesh),
@@ -239,6 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           results = None
           if epoch_end and due(step, evaluate_every, total_steps):
             results = books.evaluate(lambda split: evaluate(state, split), step, step / steps_per_epoch)
+            last_evaluation = (step, results)
             if config.quant.enabled:       # l, u, alpha (and delta) at every evaluation, for every rule
               books.snapshot(state.variables(), step, step / steps_per_epoch, "eval")
           books.save(state, step, timer.totals(step), None if results is None else results["accuracy"])
@@ -255,8 +257,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     progress.close()
 
     # --- Summary and plots. ---
+    def evaluate_final(split: str) -> dict:
+      if last_evaluation is not None and last_evaluation[0] == step and split == subset.eval_split:
+        return last_evaluation[1]   # evaluated at this very step already (one pass, not two, over the split)
+      return evaluate(state, split)
+
     summary = _summary(config, step, steps_per_epoch, timer.totals(step), history, report, qat, state, preempted,
-                       lambda split: evaluate(state, split), subset.eval_split)
+                       evaluate_final, subset.eval_split)
     if jax.process_index() == 0:
       reporting.write_summary(workdir, summary)
       reporting.write_plots(workdir, history["snapshots"], title=os.path.basename(os.path.normpath(workdir)))

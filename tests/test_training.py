@@ -50,6 +50,8 @@ def test_run_writes_checkpoints_metrics_summary_and_plots(pege_run):
               "train_images_per_s", "quantizers"):
     assert key in written
   assert written["train_steps"] == 8 and 0.0 <= written["final_test_accuracy"] <= 1.0
+  evaluations = [r for r in reporting.read_metrics(os.path.join(workdir, "metrics.jsonl")) if r["split"] == "test"]
+  assert evaluations[-1]["step"] == 8 and evaluations[-1]["accuracy"] == written["final_test_accuracy"]
   layer = written["quantizers"]["stage1_block0/conv1"]
   assert layer["bits"] == {"weight": 2, "act": 2} and {"q_w_lower", "q_w_upper", "q_alpha", "delta_w"} <= set(layer)
   events = [f for f in files if f.startswith("events")]
