@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ewgs_jax import actions, data, names, reporting, training
+from ewgs_jax import actions, checkpoints, data, names, reporting, training
 from ewgs_jax.export import workdir as workdir_lib
 from ewgs_jax.losses import cross_entropy
 
@@ -94,8 +94,9 @@ def _flat_keys(tree) -> list[str]:
 
 
 def _check_same_network(config, fp_config, fp_workdir: str) -> None:
-  """The FP run must be the architecture and data the quantized config describes."""
-  keys = ("model", "dataset", "model_kwargs")
+  """The FP run must be the architecture and data the quantized config describes (the same hold-out:
+  else its validation images may be ones the FP run trained on)."""
+  keys = ("model", "dataset", "model_kwargs", "validation_examples")
   diffs = [f"{k}: {fp_config.get(k)!r} vs {config.get(k)!r}" for k in keys
            if _plain(fp_config.get(k)) != _plain(config.get(k))]
   if diffs:
@@ -190,13 +191,15 @@ def evaluate(fp_workdir: str, config: ml_collections.ConfigDict, *, calibration_
     done = reporting.read_summary(workdir)
     if done is not None and _plain(done.get("config")) == _plain(config_dict) and \
         done.get("ptq", {}).get("source") == os.path.abspath(fp_workdir) and \
-        done["ptq"].get("calibration_batches") == calibration_batches:
+        done["ptq"].get("calibration_batches") == calibration_batches and \
+        [done["ptq"].get("source_step")] == checkpoints.committed_steps(fp_workdir)[-1:]:   # not retrained since
       return done
   start = time.perf_counter()
-  model, variables, info = quantize_run(fp_workdir, config, calibration_batches)
-  subset = data.Split(validation=config.validation_examples, train_limit=config.train_examples)
-  split = subset.eval_split
-  final = _evaluate_split(model, variables, config, split)
+  with training.matmul_precision(config):   # the precision the QAT runs beside it trained and evaluated at
+    model, variables, info = quantize_run(fp_workdir, config, calibration_batches)
+    subset = data.Split(validation=config.validation_examples, train_limit=config.train_examples)
+    split = subset.eval_split
+    final = _evaluate_split(model, variables, config, split)
   summary = {
       f"final_{split}_accuracy": final["accuracy"],
       f"final_{split}_loss": final["loss"],
@@ -214,7 +217,8 @@ def evaluate(fp_workdir: str, config: ml_collections.ConfigDict, *, calibration_
       "ptq": {**info, "calibration_batches": calibration_batches},
   }
   if split != "test":
-    test = _evaluate_split(model, variables, config, "test")
+    with training.matmul_precision(config):
+      test = _evaluate_split(model, variables, config, "test")
     summary.update(final_test_accuracy=test["accuracy"], final_test_loss=test["loss"])
   summary["wall_time_s"] = time.perf_counter() - start
   if workdir is not None:

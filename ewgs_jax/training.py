@@ -33,6 +33,20 @@ RESUMABLE_CHANGES = ("log_every_steps", "keep_checkpoints", "checkpoint_every_st
 DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
 
 
+def matmul_precision(config: ml_collections.ConfigDict) -> contextlib.AbstractContextManager:
+  """The run's ``matmul_precision`` as a context (what trains, evaluates, calibrates and exports under it).
+
+  Args:
+    config: the run's config.
+
+  Returns:
+    ``jax.default_matmul_precision(...)``, or a no-op for ``"default"``.
+  """
+  if config.get("matmul_precision", "default") == "default":
+    return contextlib.nullcontext()
+  return jax.default_matmul_precision(config.matmul_precision)
+
+
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
   """The model named by the config, quantized as ``config.quant`` says (disabled: full precision).
 
@@ -115,8 +129,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     parallel.maybe_initialize_distributed(config.distributed)
     if jax.process_index() == 0:
       cleanup.enter_context(workdir_guard.WorkdirLock(workdir))
-    if config.matmul_precision != "default":    # traced (and so compiled) under this precision
-      cleanup.enter_context(jax.default_matmul_precision(config.matmul_precision))
+    cleanup.enter_context(matmul_precision(config))   # traced (and so compiled) under this precision
     if config.deterministic and not deterministic_ops_enabled():
       log.warning("config.deterministic is set but XLA_FLAGS lacks %s: set it before JAX starts (train.py does)",
                   DETERMINISTIC_FLAG)

@@ -64,6 +64,8 @@ def test_bad_sources_are_one_clear_error(fp_run, tmp_path):
     ptq.evaluate(fp_run, small_config(variant="fp"))
   with pytest.raises(workdir_lib.RunError, match="a different network"):
     ptq.evaluate(fp_run, quantized(4, **{"model_kwargs.stage_widths": (8, 16)}))
+  with pytest.raises(workdir_lib.RunError, match="validation_examples"):   # else it may validate on FP training data
+    ptq.evaluate(fp_run, quantized(4, validation_examples=300))
   with open(os.path.join(fp_run, "config.json")) as f:
     config = json.load(f)
   quantized_source = tmp_path / "qat"

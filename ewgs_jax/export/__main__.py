@@ -80,13 +80,21 @@ def export_and_check(workdir: str, output: str, platforms=None) -> dict:
     ewgs_jax.export.workdir.RunError: an unfit workdir.
     NotImplementedError: a layer without an integer form.
   """
-  import jax
-
-  from ewgs_jax import data, extras, training
-  from ewgs_jax.export import check, model as model_lib, runtime, workdir as workdir_lib
+  from ewgs_jax import extras, training
+  from ewgs_jax.export import workdir as workdir_lib
 
   run = workdir_lib.load_run(workdir)
   extras.require("flatbuffers", "saving an integer model (jax.export serialization)")
+  with training.matmul_precision(run.config):   # the fake-quant reference at the precision the run used
+    return _export_and_check(run, output, platforms)
+
+
+def _export_and_check(run, output: str, platforms) -> dict:
+  import jax
+
+  from ewgs_jax import data, training
+  from ewgs_jax.export import check, model as model_lib, runtime
+
   integer = model_lib.integer_model(run, platforms=tuple(platforms or model_lib.PLATFORMS))
   size = integer.save(output)
   loaded = runtime.load(output)   # what is measured is the file, not the object that wrote it
