@@ -18,7 +18,7 @@ the budget's end (SIGALRM), so the command ends within ``--budget-s`` plus a few
   single-sample Hutchinson values on one batch (``bench_hessian.per_sample_values``).
 * ``export``: the integer export's forward (``ewgs_jax.export.integer_model``, issue 22) against
   the fake-quant forward of that trained network: class agreement, max relative logit error
-  (``max |int - fake| / max |fake|``), images/s of both; "not available" when it cannot be imported.
+  (per example, ``max_c |int - fake| / max_c |fake|``, as ``python -m ewgs_jax.export``), images/s of both; "not available" when it cannot be imported.
 * ``e2e``: ``python -m ewgs_jax.train`` for N steps on a synthetic ``npz:`` dataset at CIFAR and
   ImageNet shapes: ``train_images_per_s`` of its ``summary.json`` against the step-only rate of
   the same config measured by ``steps`` in this run.
@@ -914,8 +914,9 @@ def section_export(ctx: Context, partial: dict | None = None) -> tuple[dict, str
   device_variables = jax.tree.map(jnp.asarray, variables)
   fake_logits = np.asarray(fake(device_variables, images), np.float64)
   int_logits = np.asarray(integer(images), np.float64)
-  agreement = float(np.mean(fake_logits.argmax(-1) == int_logits.argmax(-1)))
-  rel = float(np.max(np.abs(int_logits - fake_logits)) / max(np.max(np.abs(fake_logits)), 1e-30))
+  from ewgs_jax.export import check   # the statistics of `python -m ewgs_jax.export` (per example)
+  stats = check.logit_agreement(fake_logits, int_logits)
+  agreement, rel = float(stats["agreement"]), float(stats["max_rel_logit_error"])
   medians = time_interleaved({"fake-quant": lambda: fake(device_variables, images), "integer": lambda: integer(images)},
                              repeats=plan.export_repeats)
   results = {"network": net.label, "variables": source, "export_s": round(export_s, 1), "agreement": agreement,

@@ -151,3 +151,15 @@ def test_tiny_report_runs_every_section_on_the_cpu(tmp_path):
   assert headline["tests_passed"] == 1 and headline["tests_failed"] == 0
   markdown = (out / "accelerator_report.md").read_text()
   assert all(title in markdown for title in report_lib.TITLES.values())
+
+
+def test_tiny_report_export_section_runs_in_the_default_suite(tmp_path):
+  # the cheapest section end to end through the command line (the whole report is the slow test above)
+  out = tmp_path / "report"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+  process = subprocess.run([sys.executable, "benchmarks/accelerator_report.py", "--tiny", "--sections", "export",
+                            "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+  got = sections(out)
+  assert list(got) == ["export"] and got["export"]["status"] == "ok", got
+  assert json.loads(process.stdout.strip().splitlines()[-1])["sections"] == {"export": "ok"}
