@@ -4,7 +4,7 @@ The rule-free baseline of quantization-aware training: what the quantized networ
 full-precision weights and quantizer parameters set from data alone. Every quantizer gets its
 forward method's data-driven initialisation (EWGS Sec. 4.1 for the interval method: weights
 ``-+3 sigma(w)``, activations ``[min(x), 3 sigma(x) / sqrt(1 - 2/pi)]``; PACT, LSQ as
-:mod:`ewgs_jax.quantizers` documents; per output channel when the config asks for per-channel weights,
+:mod:`ewgs_jax.quantizers` documents, where PACT's activation clip starts at a constant, not from data; per output channel when the config asks for per-channel weights,
 ``quant.weight_per_channel``), computed on a few calibration batches of *training* images at
 once (never the evaluation split), layer by layer in order, so each layer is calibrated on the
 already-quantized outputs of the layers before it. Unlike the QAT warm start

@@ -158,7 +158,8 @@ def write_results(args, fp_summary: dict, finished: list) -> str:
   for label in baselines:
     baseline = plan_lib.BASELINES[groups[label][0][0].rule]
     lines.append(f"- `{label}`: {baseline.about}; one evaluation (seed {seeds[0]}), shown once and compared "
-                 f"with each seed's `{reference}`")
+                 f"with each seed's `{reference}` (its interval and p take that one value as fixed: the spread "
+                 f"of its own calibration is not in them)")
   environments = sorted({tables.versions_line(s["environment"]) for *_, s in finished
                           if isinstance(s.get("environment"), dict)})
   for versions in environments:   # one line per set of versions the runs used (one, normally)
