@@ -75,6 +75,11 @@ def test_a_corrupt_jpeg_names_its_record(workers):
     next(it)
   it.close()
   assert "\n" not in str(raised.value)
+  subset = data.SubsetSource(source, np.array([0, 1, 2, 3, 5, 6, 7, 8, 9, 10]))   # record 5 is subset row 4
+  it = data.TrainIterator(subset, INFO, global_batch_size=10, seed=0, workers=workers)
+  with pytest.raises(data.DataError, match=r"shard \(epoch 0, step 0\), record 5: cannot decode the image"):
+    next(it)
+  it.close()
 
 
 class _Draws:

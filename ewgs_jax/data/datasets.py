@@ -54,9 +54,9 @@ def digits_source(split: str, data_dir: str | None = None, name: str = "digits")
   images, labels = _digits()
   cut = len(labels) - DIGITS_TEST
   if split == "train":
-    return sources.ArraySource(images[:cut], labels[:cut])
+    return sources.ArraySource(images[:cut], labels[:cut], name="digits train")
   if split == "test":
-    return sources.ArraySource(images[cut:], labels[cut:])
+    return sources.ArraySource(images[cut:], labels[cut:], name="digits test")
   raise ValueError(f"unknown split {split!r} for digits; valid: ['train', 'test']")
 
 
@@ -70,7 +70,7 @@ sources.register("digits", lambda name, split, data_dir: digits_source(split),
 def _idx_open(name: str, split: str, data_dir: str | None) -> sources.Source:
   directory = idx.idx_directory(name, data_dir)
   if directory is not None:
-    return sources.ArraySource(*idx.idx_split(directory, split))
+    return sources.ArraySource(*idx.idx_split(directory, split), name=f"{name} {split} ({directory})")
   try:
     return _tfds_open(name, split, data_dir)
   except (ImportError, DataError, OSError, RuntimeError) as e:
@@ -182,7 +182,7 @@ def _channel_stats(images: np.ndarray, pixel_max: float) -> tuple[tuple[float, .
 
 def _npz_open(name: str, split: str, data_dir: str | None) -> sources.ArraySource:
   arrays = npz_arrays(name.partition(":")[2])
-  return sources.ArraySource(arrays[f"x_{split}"], arrays[f"y_{split}"])
+  return sources.ArraySource(arrays[f"x_{split}"], arrays[f"y_{split}"], name=f"{name} {split}")
 
 
 def _npz_info(name: str, data_dir: str | None) -> DatasetInfo:

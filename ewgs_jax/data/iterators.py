@@ -51,6 +51,11 @@ def _source_name(source) -> str:
   return getattr(source, "name", type(source).__name__)
 
 
+def _records(source, indices: np.ndarray) -> np.ndarray:
+  """The rows' indices in the dataset's own numbering (through a subset), as error messages name them."""
+  return source.original(indices) if hasattr(source, "original") else indices
+
+
 class TrainBatches:
   """The pure function (epoch, step) -> this process's rows of that global batch; picklable."""
 
@@ -88,14 +93,15 @@ class TrainBatches:
     indices = self.order(epoch)[step * self.global_batch_size:(step + 1) * self.global_batch_size][self.rows]
     images, labels = self.source.get(indices)
     where = f"{_source_name(self.source)} (epoch {epoch}, step {step})"
+    records = _records(self.source, indices)
     global_rows = range(self.rows.start, self.rows.stop)
     if not self.info.per_image_host_work:
-      batch = host.stack_images(images, self.info, where, indices)
+      batch = host.stack_images(images, self.info, where, records)
     elif self.augment:   # per-image randomness keyed by the row's global position
       rngs = [host.row_rng(self.seed, epoch, step, r) for r in global_rows]
-      batch = host.imagenet_batch(images, rngs, where, indices)
+      batch = host.imagenet_batch(images, rngs, where, records)
     else:
-      batch = host.imagenet_batch(images, None, where, indices)
+      batch = host.imagenet_batch(images, None, where, records)
     position = np.empty((len(indices), 4), POSITION_DTYPE)
     position[:, 0], position[:, 1], position[:, 2] = self.seed % 2 ** 32, epoch, step
     position[:, 3] = global_rows
@@ -232,10 +238,11 @@ class EvalBatches:
     indices = np.where(mask, indices, n - 1)[self.rows]
     images, labels = self.source.get(indices)
     where = f"{_source_name(self.source)} (evaluation batch {i})"
+    records = _records(self.source, indices)
     if self.info.per_image_host_work:
-      batch = host.imagenet_batch(images, None, where, indices)
+      batch = host.imagenet_batch(images, None, where, records)
     else:
-      batch = host.stack_images(images, self.info, where, indices)
+      batch = host.stack_images(images, self.info, where, records)
     return {"image": batch, "label": np.asarray(labels, np.int32), "mask": mask[self.rows].astype(np.float32)}
 
 

@@ -40,10 +40,10 @@ class Source(Protocol):
 
 
 class ArraySource:
-  """An in-memory source: ``images`` uint8 NHWC (or float), ``labels`` int."""
+  """An in-memory source: ``images`` uint8 NHWC (or float), ``labels`` int; ``name`` in error messages."""
 
-  def __init__(self, images: np.ndarray, labels: np.ndarray):
-    self.images, self.labels = images, np.asarray(labels).astype(np.int32)
+  def __init__(self, images: np.ndarray, labels: np.ndarray, name: str = "arrays"):
+    self.images, self.labels, self.name = images, np.asarray(labels).astype(np.int32), name
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -57,9 +57,22 @@ class SubsetSource:
 
   def __init__(self, source: Source, indices: np.ndarray):
     self.source, self.indices = source, np.asarray(indices)
+    self.name = getattr(source, "name", type(source).__name__)   # errors name the dataset, not the subset
 
   def __len__(self) -> int:
     return len(self.indices)
+
+  def original(self, indices: np.ndarray) -> np.ndarray:
+    """The records' indices in the underlying source (what error messages name).
+
+    Args:
+      indices: indices into this subset.
+
+    Returns:
+      Indices into the source this subset was taken from (through nested subsets).
+    """
+    inner = self.indices[np.asarray(indices)]
+    return self.source.original(inner) if isinstance(self.source, SubsetSource) else inner
 
   def get(self, indices: np.ndarray) -> tuple[list, np.ndarray]:
     return self.source.get(self.indices[np.asarray(indices)])
