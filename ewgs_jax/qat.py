@@ -170,7 +170,8 @@ class QAT:
         ``jax.jit``: the actions trace it themselves (the Hessian probes are found while tracing).
       batches: the batches the actions read (an iterable; each action takes the first ones it
         needs), or ``batches(due_action) -> iterable`` to give each action its own.
-      key: the actions' random key (the first due action gets it as it is, the i-th ``fold_in(key, i)``).
+      key: the actions' random key (the rules' first action gets it as it is, the i-th of
+        :attr:`actions` ``fold_in(key, i)``, whichever of them are due or skipped).
       stop: polled between units of work; when True, the running action gives up, the state of
         that action is left as it was, and the actions due after it do not run (e.g. a preemption).
       skip: names (``"ewgs/delta_refresh"``) of due actions not to run (already done at this step).
@@ -192,8 +193,9 @@ class QAT:
       loss_fn = self._nnx_loss(loss_fn, graphdef)
     key = jax.random.key(0) if key is None else key
     metrics: dict[str, float] = {}
-    for i, d in enumerate(due):
+    for d in due:
       source = batches(d) if callable(batches) else batches
+      i = self.actions.index(d)   # its place among all the actions: the same key whatever ran before it
       action_key = key if i == 0 else jax.random.fold_in(key, i)
       inp = rules_lib.ActionInput(self.clock(step), state, loss_fn, source, action_key, stop or (lambda: False))
       new_state, values = d.action.run(inp)
