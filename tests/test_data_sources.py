@@ -216,6 +216,8 @@ def _poke(array, index, value):
     (lambda a: {"x_test": (a["x_test"] * 255).astype(np.uint8)},
      r"x_test images are uint8 .* x_train images are float32"),
     (lambda a: {"y_train": a["y_train"] + 0.5}, r"y_train must hold integer class labels"),
+    (lambda a: {"x_train": np.zeros((20, 64, 64, 3), np.float32), "x_test": np.zeros((5, 64, 64, 3), np.float32)},
+     r"images of 64 pixels or more .* store them as uint8"),
 ])
 def test_bad_npz_data_is_refused_naming_the_array_and_index(tmp_path, changes, pattern):
   rng = np.random.default_rng(0)

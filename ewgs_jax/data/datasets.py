@@ -160,6 +160,10 @@ def npz_arrays(path: str) -> dict[str, np.ndarray]:
         raise DataError(f"npz dataset {path!r}: x_{split}[{_first(bad)}] holds NaN or infinite pixels")
     arrays[f"x_{split}"], arrays[f"y_{split}"] = x, y.astype(np.int32)
   train, test = arrays["x_train"], arrays["x_test"]
+  if train.dtype != np.uint8 and train.shape[1] >= 64:   # DatasetInfo.augmentation: the ImageNet path
+    raise DataError(f"npz dataset {path!r}: images of {train.shape[1]} pixels or more are cropped and resized per "
+                    f"image on the host as uint8 (the ImageNet path); store them as uint8 (0..255), not "
+                    f"{train.dtype}")
   if test.shape[1:] != train.shape[1:] or test.dtype != train.dtype:
     raise DataError(f"npz dataset {path!r}: x_test images are {test.dtype} {test.shape[1:]} but x_train images are "
                     f"{train.dtype} {train.shape[1:]}; both splits need the same image shape, channels and dtype")
