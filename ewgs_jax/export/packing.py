@@ -81,7 +81,8 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
   padded = np.zeros(packed_size(codes.size, bits) * per, np.uint8)
   padded[:codes.size] = codes
   shifts = (np.arange(per, dtype=np.uint8) * slot)[None, :]
-  return np.bitwise_or.reduce(padded.reshape(-1, per) << shifts, axis=1).astype(np.uint8)
+  slots = np.left_shift(padded.reshape(-1, per), shifts).astype(np.uint8)   # each code in its bit slot
+  return slots.sum(axis=1, dtype=np.uint8)   # the slots do not overlap: their sum is their bitwise or
 
 
 def unpack(packed, bits: int, shape) -> jnp.ndarray:
