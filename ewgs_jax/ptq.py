@@ -209,7 +209,7 @@ def evaluate(fp_workdir: str, config: ml_collections.ConfigDict, *, calibration_
       "train_images_per_s": None,
       "preempted": False,
       "eval_split": split,
-      "device": f"{jax.devices()[0].platform} {jax.devices()[0].device_kind} x {jax.device_count()}",
+      "device": reporting.device(),
       "environment": reporting.environment(),
       "rule_actions": {},   # no rule ran: nothing was trained
       "quantizers": _quantizer_values(model, variables),

@@ -300,7 +300,7 @@ def _summary(config, step: int, steps_per_epoch: int, timing: dict, history: dic
       "train_images_per_s": reporting.RunTimer.images_per_s(timing),
       "preempted": preempted,
       "eval_split": eval_split,
-      "device": f"{jax.devices()[0].platform} {jax.devices()[0].device_kind} x {jax.device_count()}",
+      "device": reporting.device(),
       "environment": reporting.environment(),
       "rule_actions": {d.name: sum(s.get("reason") == d.name for s in history["snapshots"])
                        for d in (qat.actions if qat is not None else ())},

@@ -297,6 +297,11 @@ def test_environment_records_the_versions_the_numbers_depend_on():
   assert set(versions) == {"python", "ewgs_jax", "jax", "jaxlib", "flax", "optax", "numpy"}
   assert versions["jax"] == jax.__version__ and versions["numpy"] == np.__version__
   assert versions["ewgs_jax"] == ewgs_jax.__version__ and versions["python"] == platform.python_version()
+  first = jax.devices()[0]
+  if first.platform == "cpu":
+    assert reporting.device() == f"cpu x {jax.device_count()}"   # not "cpu cpu x 1"
+  else:
+    assert reporting.device() == f"{first.platform} {first.device_kind} x {jax.device_count()}"
 
 
 def test_provenance_prints_the_recorded_versions(tmp_path):

@@ -20,7 +20,8 @@ from ewgs_jax.reporting.events import crc32c, encode_event, read_events, tfrecor
 from ewgs_jax.reporting.metrics import MetricsWriter, read_metrics
 from ewgs_jax.reporting.plots import plot_curves, plot_deltas, write_plots
 from ewgs_jax.reporting.progress import ProgressBar, announce
-from ewgs_jax.reporting.summary import ENVIRONMENT_PACKAGES, environment, final_message, read_summary, write_summary
+from ewgs_jax.reporting.summary import (ENVIRONMENT_PACKAGES, device, environment, final_message, read_summary,
+                                        write_summary)
 from ewgs_jax.reporting.tables import provenance, results_table
 from ewgs_jax.reporting.timer import RunTimer
 
@@ -31,6 +32,7 @@ __all__ = [
     "RunTimer",
     "announce",
     "crc32c",
+    "device",
     "encode_event",
     "environment",
     "final_message",

@@ -16,6 +16,18 @@ import platform
 ENVIRONMENT_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy")
 
 
+def device() -> str:
+  """The devices a run used, for its ``summary.json`` (key ``"device"``).
+
+  Returns:
+    ``"gpu NVIDIA H100 80GB HBM3 x 8"``, or ``"cpu x 1"`` where the kind only repeats the platform.
+  """
+  import jax
+  first = jax.devices()[0]
+  kind = "" if first.device_kind.lower() == first.platform.lower() else f" {first.device_kind}"
+  return f"{first.platform}{kind} x {jax.device_count()}"
+
+
 def environment() -> dict[str, str | None]:
   """The versions a run's numbers depend on, for its ``summary.json`` (key ``"environment"``).
 
