@@ -139,10 +139,14 @@ def test_sigterm_to_one_of_several_processes_stops_all_at_the_same_step():
 
 
 def test_one_process_keeps_its_own_sigterm_handler():
-  code = ("import signal; from ewgs_jax import workdir; workdir.install_preemption_handler();"
-          "assert signal.getsignal(signal.SIGTERM) is workdir._on_sigterm;"
-          "workdir.uninstall_preemption_handler(); assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL;"
-          "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler; print('ok')")
+  # SIGINT is compared with what the process started with: a shell's background job inherits it ignored.
+  code = ("import signal; from ewgs_jax import workdir; before = signal.getsignal(signal.SIGINT);"
+          "workdir.install_preemption_handler();"
+          "assert signal.getsignal(signal.SIGTERM) is workdir._on_sigterm, 'SIGTERM handler not installed';"
+          "assert signal.getsignal(signal.SIGINT) is workdir._on_sigint, 'SIGINT handler not installed';"
+          "workdir.uninstall_preemption_handler();"
+          "assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, 'SIGTERM not restored';"
+          "assert signal.getsignal(signal.SIGINT) == before, 'SIGINT not restored'; print('ok')")
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)})
   assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
