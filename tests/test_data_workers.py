@@ -181,3 +181,35 @@ def test_worker_processes_leave_ctrl_c_and_sigterm_to_the_training_process():
     assert all(child.is_alive() for child in children)
   finally:
     loader.close()
+
+
+def test_a_stop_signal_while_the_worker_processes_start_does_not_kill_them():
+  """The signals sent from the moment each worker process exists, before it has run any of its own
+  code: a Ctrl-C pressed while the workers start must not leave the training process a dead worker."""
+  import multiprocessing
+  import signal as signals
+  import threading
+  import time
+  from ewgs_jax.data import workers as loaders
+  loader = loaders.ProcessLoader(_positions, 0, workers=2)
+  first = []
+  loading = threading.Thread(target=lambda: first.append(int(next(loader)["x"][0])))
+  signalled: dict = {}
+  try:
+    loading.start()
+    deadline = time.monotonic() + 60
+    while loading.is_alive() or len(signalled) < 2:
+      assert time.monotonic() < deadline, "the workers did not start in 60 s"
+      for child in multiprocessing.active_children():
+        if signalled.setdefault(child.pid, 0) < 3:     # at once, then twice more while it starts up
+          os.kill(child.pid, signals.SIGINT)
+          os.kill(child.pid, signals.SIGTERM)
+          signalled[child.pid] += 1
+      time.sleep(0.001)
+    loading.join()
+    assert first == [0]
+    assert [int(next(loader)["x"][0]) for _ in range(5)] == [1, 2, 3, 4, 5]
+    assert len(signalled) == 2 and all(count >= 1 for count in signalled.values())
+  finally:
+    loading.join()
+    loader.close()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import signal
+import threading
 from typing import Callable
 
 import numpy as np
@@ -73,7 +74,37 @@ def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
   which stops the workers); a worker that took them would die mid-batch and fail the save."""
   del worker_index, worker_count
   signal.signal(signal.SIGINT, signal.SIG_IGN)
-  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)   # discards those that arrived while they were blocked
+  signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _with_stop_signals_blocked(fn: Callable[[], dict]) -> dict:
+  """``fn()`` in a thread that blocks SIGINT and SIGTERM, waited for here.
+
+  A worker process runs ``_ignore_stop_signals`` only after it has imported this package (seconds);
+  a Ctrl-C or SIGTERM in between would kill it. Grain starts the workers from threads made by the
+  first ``next``: made from this thread, they, and the processes they spawn, inherit its blocked
+  mask (kept across ``exec``), so such a signal waits in the worker until it is ignored. The calling
+  thread keeps its mask: the training process still sees the Ctrl-C at once.
+  """
+  result: dict = {}
+
+  def run():
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+      result["value"] = fn()
+    except BaseException as e:   # noqa: BLE001 - re-raised in the calling thread
+      result["error"] = e
+
+  starter = threading.Thread(target=run, name="ewgs_jax-input-start", daemon=True)
+  starter.start()
+  starter.join()
+  if "error" in result:
+    raise result["error"]
+  return result["value"]
 
 
 def _exit_reason(message: str) -> str:
@@ -103,8 +134,10 @@ class ProcessLoader:
     stop = start + 2 ** 40 if stop is None else stop   # "endless": far more batches than any run
     dataset = grain.MapDataset.range(start, stop).map(fn)
     dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-    self._iterator = iter(dataset.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=workers, per_worker_buffer_size=max(prefetch, 1)), worker_init_fn=_ignore_stop_signals))
+    self._dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=workers, per_worker_buffer_size=max(prefetch, 1)), worker_init_fn=_ignore_stop_signals)
+    self._iterator = None
+    self._closed = False
 
   def __iter__(self):
     return self
@@ -112,7 +145,17 @@ class ProcessLoader:
   def __next__(self) -> dict:
     position = self.next_position
     try:
-      batch = next(self._iterator)
+      if self._iterator is None:     # the first batch starts the worker processes
+        def start():
+          try:
+            self._iterator = iter(self._dataset)
+            return next(self._iterator)
+          finally:
+            if self._closed:    # closed while starting (a Ctrl-C in the wait below): stop what started
+              self.close()
+        batch = _with_stop_signals_blocked(start)
+      else:
+        batch = next(self._iterator)
     except RuntimeError as e:
       if "terminated unexpectedly" not in str(e):
         raise
@@ -127,6 +170,7 @@ class ProcessLoader:
     return {key: np.array(value) for key, value in batch.items()}
 
   def close(self) -> None:
+    self._closed = True
     close = getattr(self._iterator, "close", None)
     if close is not None:
       close()
