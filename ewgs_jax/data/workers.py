@@ -23,6 +23,7 @@ import collections
 import concurrent.futures
 import signal
 import threading
+from multiprocessing import resource_tracker
 from typing import Callable
 
 import numpy as np
@@ -93,6 +94,10 @@ def _with_stop_signals_blocked(fn: Callable[[], dict]) -> dict:
   result: dict = {}
 
   def run():
+    # The stdlib's resource tracker (grain's shared memory needs it) starts with these signals
+    # blocked and then *unblocks* them in the starting thread: started from a grain thread, it would
+    # undo the block below. Started here first, later calls find it running and touch no mask.
+    resource_tracker.ensure_running()
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
       result["value"] = fn()
