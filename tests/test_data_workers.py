@@ -193,7 +193,7 @@ def test_a_stop_signal_while_the_worker_processes_start_does_not_kill_them():
   from ewgs_jax.data import workers as loaders
   loader = loaders.ProcessLoader(_positions, 0, workers=2)
   first = []
-  loading = threading.Thread(target=lambda: first.append(int(next(loader)["x"][0])))
+  loading = threading.Thread(target=lambda: first.append(int(next(loader)["x"][0])), daemon=True)
   signalled: dict = {}
   try:
     loading.start()
@@ -211,5 +211,5 @@ def test_a_stop_signal_while_the_worker_processes_start_does_not_kill_them():
     assert [int(next(loader)["x"][0]) for _ in range(5)] == [1, 2, 3, 4, 5]
     assert len(signalled) == 2 and all(count >= 1 for count in signalled.values())
   finally:
-    loading.join()
+    loading.join(60)
     loader.close()

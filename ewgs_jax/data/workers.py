@@ -24,7 +24,7 @@ import concurrent.futures
 import signal
 import threading
 from multiprocessing import resource_tracker
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -69,17 +69,17 @@ def _grain():
   return grain
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
   """In each worker process: Ctrl-C in a terminal (SIGINT to the process group) and a scheduler's
   SIGTERM to every process are the training process's to handle (it saves, then closes the loader,
   which stops the workers); a worker that took them would die mid-batch and fail the save."""
   del worker_index, worker_count
-  signal.signal(signal.SIGINT, signal.SIG_IGN)
-  signal.signal(signal.SIGTERM, signal.SIG_IGN)   # discards those that arrived while they were blocked
+  for stop_signal in _STOP_SIGNALS:
+    signal.signal(stop_signal, signal.SIG_IGN)   # also discards those that arrived while they were blocked
   signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-
-
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def _with_stop_signals_blocked(fn: Callable[[], dict]) -> dict:
@@ -91,7 +91,7 @@ def _with_stop_signals_blocked(fn: Callable[[], dict]) -> dict:
   mask (kept across ``exec``), so such a signal waits in the worker until it is ignored. The calling
   thread keeps its mask: the training process still sees the Ctrl-C at once.
   """
-  result: dict = {}
+  result: concurrent.futures.Future = concurrent.futures.Future()
 
   def run():
     # The stdlib's resource tracker (grain's shared memory needs it) starts with these signals
@@ -100,16 +100,13 @@ def _with_stop_signals_blocked(fn: Callable[[], dict]) -> dict:
     resource_tracker.ensure_running()
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
-      result["value"] = fn()
-    except BaseException as e:   # noqa: BLE001 - re-raised in the calling thread
-      result["error"] = e
+      result.set_result(fn())
+    except BaseException as e:   # noqa: BLE001 - re-raised in the calling thread by result()
+      result.set_exception(e)
 
-  starter = threading.Thread(target=run, name="ewgs_jax-input-start", daemon=True)
-  starter.start()
-  starter.join()
-  if "error" in result:
-    raise result["error"]
-  return result["value"]
+  # A daemon thread, not a pool's: after a Ctrl-C in the wait, exit must not wait for the workers' start.
+  threading.Thread(target=run, name="ewgs_jax-input-start", daemon=True).start()
+  return result.result()
 
 
 def _exit_reason(message: str) -> str:
@@ -141,7 +138,7 @@ class ProcessLoader:
     dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     self._dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=workers, per_worker_buffer_size=max(prefetch, 1)), worker_init_fn=_ignore_stop_signals)
-    self._iterator = None
+    self._iterator: Iterator[dict] | None = None
     self._closed = False
 
   def __iter__(self):
@@ -150,17 +147,7 @@ class ProcessLoader:
   def __next__(self) -> dict:
     position = self.next_position
     try:
-      if self._iterator is None:     # the first batch starts the worker processes
-        def start():
-          try:
-            self._iterator = iter(self._dataset)
-            return next(self._iterator)
-          finally:
-            if self._closed:    # closed while starting (a Ctrl-C in the wait below): stop what started
-              self.close()
-        batch = _with_stop_signals_blocked(start)
-      else:
-        batch = next(self._iterator)
+      batch = next(self._iterator) if self._iterator is not None else _with_stop_signals_blocked(self._start)
     except RuntimeError as e:
       if "terminated unexpectedly" not in str(e):
         raise
@@ -173,6 +160,15 @@ class ProcessLoader:
     # Out of grain's shared memory into plain arrays (a ~1 ms copy per ImageNet batch): the block is
     # freed now, not by a finaliser that fails at interpreter exit and leaves it to the resource tracker.
     return {key: np.array(value) for key, value in batch.items()}
+
+  def _start(self) -> dict:
+    """The iterator and its first batch, which starts the worker processes."""
+    try:
+      self._iterator = iter(self._dataset)
+      return next(self._iterator)
+    finally:
+      if self._closed:    # closed while starting (a Ctrl-C in the wait for this): stop what started
+        self.close()
 
   def close(self) -> None:
     self._closed = True
